@@ -1,0 +1,377 @@
+"""Ignite/MONAI handler that turns a finished evaluation run into the project's standard report.
+
+Used by every bundle's ``evaluate.json``::
+
+    {"_target_": "pipelines.evaluation.handler.EvaluationReportHandler",
+     "output_dir": "$@output_dir + '/evaluation'", "class_names": "@class_names",
+     "network": "@network", "val_loader": "@validate#dataloader", "test_loader": "@validate#dataloader", ...}
+
+Nothing patient-identifying is collected: only logits and labels are read from the engine output, overlay files
+are named by class, and MLflow receives aggregate metrics, run settings and the report files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipelines.evaluation.calibration import apply_temperature, calibration_summary, reliability_diagram
+from pipelines.evaluation.explain import EXPLAIN_METHODS, explain_examples
+from pipelines.evaluation.metrics import _to_numpy, evaluate_predictions, labels_to_indices
+from pipelines.evaluation.report import atomic_write_csv, atomic_write_text, markdown_table, write_evaluation
+from pipelines.evaluation.tta import TTA_POLICIES, model_logits, run_tta_table
+
+__all__ = ["EvaluationReportHandler", "sanitize_metric_name", "ENGINE_METRICS"]
+
+logger = logging.getLogger(__name__)
+
+#: Scalars copied into ``engine.state.metrics`` so MONAI's StatsHandler / key-metric logic sees them.
+ENGINE_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc")
+
+_MLFLOW_BATCH = 500
+
+
+def sanitize_metric_name(name: str) -> str:
+    """Replace characters MLflow rejects in metric/param names (allowed: alphanumerics, ``_ - . space / :``)."""
+    return re.sub(r"[^A-Za-z0-9_\-. /:]", "_", str(name))
+
+
+class EvaluationReportHandler:
+    """Collects predictions during a MONAI evaluator run and, on completion, writes and logs the full report.
+
+    Files written to ``output_dir`` (atomically): ``metrics.json``, ``metrics_ci.csv``,
+    ``classification_report.csv``, ``confusion_matrix.png``, ``metrics.md``; with ``network`` and ``val_loader``:
+    ``calibration.json`` and ``reliability_diagram.png`` (temperature fitted on validation logits, ECE/NLL before
+    and after on the evaluated set); with ``network`` and ``test_loader``: ``tta.csv``; with
+    ``explain_per_class > 0`` and a network: ``explanations/<class>_<k>.png``.
+
+    Args:
+        output_dir: report folder, created if needed.
+        class_names: C class names in logit order.
+        n_resamples: stratified bootstrap resamples for the CIs (0 disables them).
+        seed: bootstrap seed.
+        network: the evaluated classifier (returns (N, C) logits); needed for calibration, TTA and explanations.
+        val_loader: validation loader (dicts with ``image``, ``label``) for fitting the temperature.
+        test_loader: loader of the evaluated set for the TTA table and explanations (deterministic transforms).
+        tta_policies: policies of :mod:`pipelines.evaluation.tta` for the TTA table.
+        explain_per_class: overlays per class (0 = none); read from ``test_loader``, else ``val_loader``.
+        explain_method: ``auto``, ``rollout`` or ``gradcam``.
+        gradcam_layer: Grad-CAM layer name (default: the last convolution).
+        device: device for the extra network passes.
+        log_to_mlflow: log to MLflow when a run is active or ``mlflow_tracking_uri`` is given.
+        mlflow_tracking_uri: store for a run started by this handler when none is active.
+        mlflow_experiment: experiment of that run (created if absent; default ``evaluation``).
+        mlflow_run_name: name of that run.
+        tags: extra MLflow tags; runs started here also get ``stage=evaluation``.
+        alpha: two-sided CI level (0.05 = 95 % CIs).
+        calibration_bins: ECE / reliability-diagram bins.
+        tta_crop_fraction: crop side fraction of the 5-crop policies.
+        tta_flip_dim: axis mirrored by the flip policies (see :func:`pipelines.evaluation.tta.tta_views`).
+        pred_key: engine-output key of the logits (raw logits or softmax probabilities; not discretised).
+        label_key: engine-output/loader key of the labels (indices or one-hot).
+        image_key: loader key of the images.
+
+    After completion, ``self.result`` holds the result dict and ``self.paths`` the written files.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        class_names: Sequence[str],
+        n_resamples: int = 1000,
+        seed: int = 0,
+        network: torch.nn.Module | None = None,
+        val_loader: Iterable[dict[str, Any]] | None = None,
+        test_loader: Iterable[dict[str, Any]] | None = None,
+        tta_policies: Sequence[str] = ("none",),
+        explain_per_class: int = 0,
+        explain_method: str = "auto",
+        gradcam_layer: str | None = None,
+        device: str | torch.device = "cpu",
+        log_to_mlflow: bool = True,
+        mlflow_tracking_uri: str | None = None,
+        mlflow_experiment: str | None = None,
+        mlflow_run_name: str | None = None,
+        tags: Mapping[str, Any] | None = None,
+        alpha: float = 0.05,
+        calibration_bins: int = 15,
+        tta_crop_fraction: float = 0.875,
+        tta_flip_dim: int = -1,
+        pred_key: str = "pred",
+        label_key: str = "label",
+        image_key: str = "image",
+    ) -> None:
+        self.class_names = [str(c) for c in class_names]
+        if len(self.class_names) < 2 or len(set(self.class_names)) != len(self.class_names):
+            raise ValueError(f"class_names must hold at least 2 unique names, got {self.class_names}")
+        sanitized = [sanitize_metric_name(c) for c in self.class_names]
+        if len(set(sanitized)) != len(sanitized):
+            raise ValueError(f"class_names {self.class_names} collide once made MLflow-safe: {sanitized}")
+        if int(n_resamples) < 0:
+            raise ValueError(f"n_resamples must be >= 0, got {n_resamples}")
+        if not 0.0 < float(alpha) < 1.0:
+            raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
+        bad = [p for p in tta_policies if p not in TTA_POLICIES]
+        if bad:
+            raise ValueError(f"unknown TTA policies {bad}; expected a subset of {TTA_POLICIES}")
+        if explain_method not in EXPLAIN_METHODS:
+            raise ValueError(f"explain_method must be one of {EXPLAIN_METHODS}, got {explain_method!r}")
+        if int(explain_per_class) < 0:
+            raise ValueError(f"explain_per_class must be >= 0, got {explain_per_class}")
+        if int(explain_per_class) > 0 and network is None:
+            raise ValueError("explain_per_class > 0 needs `network`")
+        self.output_dir = Path(output_dir)
+        self.n_resamples = int(n_resamples)
+        self.seed = int(seed)
+        self.network = network
+        self.val_loader = val_loader
+        self.test_loader = test_loader
+        self.tta_policies = tuple(tta_policies)
+        self.explain_per_class = int(explain_per_class)
+        self.explain_method = explain_method
+        self.gradcam_layer = gradcam_layer
+        self.device = torch.device(device)
+        self.log_to_mlflow = bool(log_to_mlflow)
+        self.mlflow_tracking_uri = mlflow_tracking_uri
+        self.mlflow_experiment = mlflow_experiment or "evaluation"
+        self.mlflow_run_name = mlflow_run_name
+        self.tags = {str(k): str(v) for k, v in (tags or {}).items()}
+        self.alpha = float(alpha)
+        self.calibration_bins = int(calibration_bins)
+        self.tta_crop_fraction = float(tta_crop_fraction)
+        self.tta_flip_dim = int(tta_flip_dim)
+        self.pred_key = pred_key
+        self.label_key = label_key
+        self.image_key = image_key
+        self.result: dict[str, Any] | None = None
+        self.paths: dict[str, Path] = {}
+        self.mlflow_run_id: str | None = None
+        self._preds: list[np.ndarray] = []
+        self._labels: list[np.ndarray] = []
+
+    def attach(self, engine: Any) -> None:
+        """Register on a MONAI ``SupervisedEvaluator`` (or any ignite Engine producing MONAI-style outputs)."""
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, self.reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def reset(self, engine: Any = None) -> None:
+        """Drop predictions of a previous run."""
+        self._preds, self._labels = [], []
+
+    def collect(self, engine: Any) -> None:
+        """Store logits and labels of one iteration (decollated list of dicts, or one batched dict)."""
+        output = engine.state.output
+        items = output if isinstance(output, (list, tuple)) else [output]
+        for item in items:
+            if not isinstance(item, Mapping) or self.pred_key not in item or self.label_key not in item:
+                raise ValueError(
+                    f"engine output must be dicts with {self.pred_key!r} and {self.label_key!r} keys; "
+                    f"got {type(item).__name__} with keys {list(item) if isinstance(item, Mapping) else None}"
+                )
+            pred = _to_numpy(item[self.pred_key]).astype(np.float64)
+            label = _to_numpy(item[self.label_key])
+            if pred.ndim == 1:  # one decollated sample
+                pred, label = pred[None], label.reshape(1, -1)
+            self._preds.append(pred.reshape(pred.shape[0], -1))
+            self._labels.append(labels_to_indices(label, len(self.class_names)))
+
+    def __call__(self, engine: Any) -> None:
+        """Events.COMPLETED: compute, write, and log the report; set ``engine.state.metrics``."""
+        if not self._preds:
+            logger.warning("EvaluationReportHandler: the evaluator produced no predictions; no report written")
+            return
+        logits = np.concatenate(self._preds)
+        labels = np.concatenate(self._labels)
+        logits, labels, is_main = _gather(logits, labels)
+        if not is_main:
+            return
+        run = self._start_mlflow()
+        try:
+            result = self.evaluate(logits, labels)
+            for key in ENGINE_METRICS:
+                engine.state.metrics[key] = result["metrics"][key]
+            if run is not None:
+                self._log_mlflow(run[0], run[1], result)
+        except BaseException:
+            if run is not None and run[2]:
+                run[0].set_terminated(run[1], status="FAILED")
+            raise
+        if run is not None and run[2]:
+            run[0].set_terminated(run[1], status="FINISHED")
+
+    def evaluate(self, logits: Any, labels: Any) -> dict[str, Any]:
+        """Compute and write the whole report from collected logits (N, C) and labels; no MLflow.
+
+        Returns:
+            The result dict (also in ``self.result``), as written to metrics.json.
+        """
+        z = self._as_logits(_to_numpy(logits).astype(np.float64))
+        y = labels_to_indices(labels, len(self.class_names))
+        if len(y) != len(z):
+            raise ValueError(f"{len(z)} predictions but {len(y)} labels")
+        probs = apply_temperature(z, 1.0)
+        result = evaluate_predictions(y, probs, self.class_names, n_resamples=self.n_resamples, seed=self.seed,
+                                      alpha=self.alpha)
+        out = self.output_dir
+        out.mkdir(parents=True, exist_ok=True)
+        paths: dict[str, Path] = {}
+        if self.network is not None and self.val_loader is not None:
+            val_z, val_y = self._network_logits(self.val_loader)
+            cal = calibration_summary(val_z, val_y, z, y, n_bins=self.calibration_bins)
+            result["calibration"] = cal
+            paths["calibration_json"] = atomic_write_text(out / "calibration.json", json.dumps(cal, indent=2) + "\n")
+            paths["reliability_png"] = reliability_diagram(
+                probs, apply_temperature(z, cal["temperature"]), y, out / "reliability_diagram.png",
+                n_bins=self.calibration_bins,
+            )
+        if self.network is not None and self.test_loader is not None:
+            table = run_tta_table(self.network, self.test_loader, self.class_names, self.tta_policies, self.device,
+                                  crop_fraction=self.tta_crop_fraction, flip_dim=self.tta_flip_dim,
+                                  image_key=self.image_key, label_key=self.label_key)
+            result["tta"] = table.to_dict(orient="records")
+            paths["tta_csv"] = atomic_write_csv(out / "tta.csv", table)
+        paths.update(write_evaluation(result, out, self.class_names))
+        paths["metrics_md"] = atomic_write_text(out / "metrics.md", markdown_table(result))
+        if self.explain_per_class > 0:
+            source = self.test_loader if self.test_loader is not None else self.val_loader
+            if source is None:
+                logger.warning("explain_per_class > 0 but neither test_loader nor val_loader given; no overlays")
+            else:
+                overlays = explain_examples(self.network, source, self.class_names, out / "explanations",
+                                            per_class=self.explain_per_class, method=self.explain_method,
+                                            target_layer=self.gradcam_layer, device=self.device,
+                                            image_key=self.image_key, label_key=self.label_key)
+                paths.update({f"explanation_{i}": p for i, p in enumerate(overlays)})
+        self.result, self.paths = result, paths
+        return result
+
+    def mlflow_metrics(self, result: dict[str, Any] | None = None) -> dict[str, float]:
+        """The finite scalars logged to MLflow, keyed by MLflow-safe names."""
+        result = self.result if result is None else result
+        if result is None:
+            return {}
+        metrics: dict[str, float] = {}
+        for key, value in result["metrics"].items():
+            metrics[key] = value
+            lo, hi = result["ci"].get(key, (math.nan, math.nan))
+            metrics[f"{key}_ci_low"], metrics[f"{key}_ci_high"] = lo, hi
+        for key, value in result.get("calibration", {}).items():
+            metrics[f"calibration/{key}"] = value
+        for row in result.get("tta", []):
+            for key in ("accuracy", "macro_f1", "macro_auc", "ms_per_image"):
+                metrics[f"tta/{row['policy']}/{key}"] = row[key]
+        return {
+            sanitize_metric_name(k): float(v)
+            for k, v in metrics.items()
+            if v is not None and math.isfinite(float(v))
+        }
+
+    def _as_logits(self, pred: np.ndarray) -> np.ndarray:
+        n_classes = len(self.class_names)
+        if pred.ndim != 2:
+            raise ValueError(f"{self.pred_key!r} must be (C,) per sample or (N, C); got {pred.shape}")
+        if pred.shape[1] == 1 and n_classes == 2:
+            # A single sigmoid logit z is exactly the two-class softmax over (0, z).
+            pred = np.concatenate([np.zeros_like(pred), pred], axis=1)
+        if pred.shape[1] != n_classes:
+            raise ValueError(f"{self.pred_key!r} has {pred.shape[1]} channels for {n_classes} classes {self.class_names}")
+        if not np.all(np.isfinite(pred)):
+            raise ValueError(f"{self.pred_key!r} contains NaN or infinite values")
+        in_unit = pred.min() >= 0.0 and pred.max() <= 1.0
+        if in_unit and np.allclose(pred.sum(axis=1), 1.0, atol=1e-4):
+            if np.all((pred == 0.0) | (pred == 1.0)):
+                raise ValueError(
+                    f"{self.pred_key!r} is discretised (one-hot); AUC and calibration need raw logits: keep "
+                    "AsDiscreted out of the postprocessing, or copy the logits to another key and set pred_key"
+                )
+            # Softmax outputs: log-probabilities are logits that give back the same softmax.
+            pred = np.log(np.clip(pred, 1e-12, 1.0))
+        return pred
+
+    @torch.no_grad()
+    def _network_logits(self, loader: Iterable[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+        net = self.network.to(self.device)
+        was_training = net.training
+        net.eval()
+        zs, ys = [], []
+        try:
+            for batch in loader:
+                x = torch.as_tensor(batch[self.image_key]).to(self.device)
+                x = x.as_tensor() if hasattr(x, "as_tensor") else x
+                zs.append(self._as_logits(model_logits(net, x).float().cpu().numpy().astype(np.float64)))
+                ys.append(labels_to_indices(batch[self.label_key], len(self.class_names)))
+        finally:
+            net.train(was_training)
+        if not zs:
+            raise ValueError("val_loader yielded no batches; cannot fit the temperature")
+        return np.concatenate(zs), np.concatenate(ys)
+
+    def _start_mlflow(self) -> tuple[Any, str, bool] | None:
+        """(client, run_id, started_here) for the active run or a new one; None when MLflow is not used."""
+        if not self.log_to_mlflow:
+            return None
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        active = mlflow.active_run()
+        if active is not None:
+            return MlflowClient(), active.info.run_id, False
+        if not self.mlflow_tracking_uri:
+            logger.info("no active MLflow run and no mlflow_tracking_uri: evaluation not logged to MLflow")
+            return None
+        client = MlflowClient(tracking_uri=self.mlflow_tracking_uri)
+        experiment = client.get_experiment_by_name(self.mlflow_experiment)
+        exp_id = experiment.experiment_id if experiment is not None else client.create_experiment(self.mlflow_experiment)
+        tags = {**self.tags, "stage": "evaluation"}
+        run = client.create_run(exp_id, run_name=self.mlflow_run_name, tags=tags)
+        return client, run.info.run_id, True
+
+    def _log_mlflow(self, client: Any, run_id: str, result: dict[str, Any]) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, 0) for k, v in self.mlflow_metrics(result).items()]
+        params = [
+            Param("eval.n_samples", str(result["n_samples"])),
+            Param("eval.n_resamples", str(self.n_resamples)),
+            Param("eval.bootstrap_seed", str(self.seed)),
+            Param("eval.ci_alpha", str(self.alpha)),
+            Param("eval.class_names", ", ".join(self.class_names)),
+        ]
+        if "tta" in result:
+            params.append(Param("eval.tta_policies", ", ".join(self.tta_policies)))
+        tags = [RunTag(k, v) for k, v in self.tags.items()]
+        for start in range(0, max(len(metrics), 1), _MLFLOW_BATCH):
+            client.log_batch(run_id, metrics=metrics[start : start + _MLFLOW_BATCH],
+                             params=params if start == 0 else [], tags=tags if start == 0 else [])
+        for path in self.paths.values():
+            rel_parent = path.parent.relative_to(self.output_dir).as_posix()
+            artifact_path = "evaluation" if rel_parent == "." else f"evaluation/{rel_parent}"
+            client.log_artifact(run_id, str(path), artifact_path=artifact_path)
+        self.mlflow_run_id = run_id
+
+
+def _gather(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Concatenate the shards of all ranks under torch.distributed; (logits, labels, is_rank_0)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return logits, labels, True
+    from monai.utils import evenly_divisible_all_gather
+
+    # NCCL only moves CUDA tensors.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    z = evenly_divisible_all_gather(torch.as_tensor(logits, device=device), concat=True)
+    y = evenly_divisible_all_gather(torch.as_tensor(labels, device=device), concat=True)
+    return z.cpu().numpy(), y.cpu().numpy(), dist.get_rank() == 0

@@ -1,0 +1,314 @@
+"""Classification metrics with stratified-bootstrap confidence intervals.
+
+All metrics are computed from one vectorised routine over a batch of confusion matrices and one-vs-rest AUCs,
+so point estimates and every bootstrap resample go through exactly the same code.
+
+Conventions:
+    * ``y_true``: int class indices, shape (N,), values in [0, C).
+    * ``probs``: class scores, shape (N, C), normally softmax probabilities in [0, 1]. Only the argmax (for the
+      confusion matrix) and the per-class ranking (for AUC) are used, so any monotone score works.
+    * Precision, recall (sensitivity) and F1 follow scikit-learn with ``zero_division=0``: 0 when undefined.
+      Specificity and AUC have no scikit-learn twin and are NaN when undefined (no negatives, or no positives
+      for AUC). ``macro_auc`` averages the defined per-class AUCs; for C == 2 it is the AUC of class 1.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy.stats import rankdata
+
+__all__ = [
+    "SUMMARY_METRICS",
+    "PER_CLASS_METRICS",
+    "labels_to_indices",
+    "classification_metrics",
+    "bootstrap_ci",
+    "evaluate_predictions",
+    "metrics_table",
+]
+
+SUMMARY_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "macro_auc")
+PER_CLASS_METRICS = ("precision", "recall", "specificity", "f1", "auc", "support")
+
+# Elements per bootstrap chunk (resamples x samples): bounds memory at a few tens of MB for large test sets.
+_CHUNK_ELEMENTS = 2_000_000
+
+
+def labels_to_indices(labels: Any, num_classes: int | None = None) -> np.ndarray:
+    """Convert labels given as indices, (N, 1) columns or one-hot rows to int class indices.
+
+    Args:
+        labels: array-like of shape (N,), (N, 1) or one-hot (N, C) with C > 1.
+        num_classes: when given, one-hot rows must have this many columns and indices must lie in [0, C).
+
+    Returns:
+        int64 array of shape (N,).
+
+    Raises:
+        ValueError: on any other shape, non-integer values, or indices out of range.
+    """
+    arr = _to_numpy(labels)
+    if arr.ndim == 2 and arr.shape[1] == 1:
+        arr = arr[:, 0]
+    elif arr.ndim == 2:
+        if num_classes is not None and arr.shape[1] != num_classes:
+            raise ValueError(f"one-hot labels have {arr.shape[1]} columns, expected {num_classes}")
+        arr = arr.argmax(axis=1)
+    elif arr.ndim != 1:
+        raise ValueError(f"labels must have shape (N,), (N, 1) or (N, C); got {arr.shape}")
+    if arr.size and not np.all(np.isfinite(arr.astype(float))):
+        raise ValueError("labels contain non-finite values")
+    if arr.size and not np.all(np.equal(np.mod(arr.astype(float), 1), 0)):
+        raise ValueError("labels must be integer class indices")
+    out = arr.astype(np.int64)
+    if num_classes is not None and out.size and (out.min() < 0 or out.max() >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes}); got min {out.min()}, max {out.max()}")
+    return out
+
+
+def classification_metrics(y_true: Any, probs: Any, class_names: Sequence[str]) -> dict[str, Any]:
+    """Point estimates of the classification metrics.
+
+    Args:
+        y_true: int class indices, shape (N,) (or one-hot (N, C)).
+        probs: class probabilities, shape (N, C).
+        class_names: C unique names, index-aligned with the columns of ``probs``.
+
+    Returns:
+        Ordered dict: ``accuracy``, ``balanced_accuracy``, ``macro_f1``, ``weighted_f1``, ``macro_auc``, then per
+        class ``precision/<name>``, ``recall/<name>``, ``specificity/<name>``, ``f1/<name>``, ``auc/<name>``,
+        ``support/<name>`` (all floats, NaN where undefined), and ``confusion_matrix`` (list of C lists of ints,
+        rows = true class, columns = predicted class).
+    """
+    y, p, names = _validate(y_true, probs, class_names)
+    n_classes = len(names)
+    cm = _confusion_batch(y[None, :], p.argmax(axis=1)[None, :], n_classes)
+    auc = np.stack([_auc_batch(p[None, :, k], y == k) for k in range(n_classes)], axis=1)
+    values = _metrics_from_counts(cm, auc, names)
+    out: dict[str, Any] = {key: float(val[0]) for key, val in values.items()}
+    out["confusion_matrix"] = cm[0].astype(int).tolist()
+    return out
+
+
+def bootstrap_ci(
+    y_true: Any,
+    probs: Any,
+    class_names: Sequence[str],
+    n_resamples: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> dict[str, tuple[float, float]]:
+    """Stratified percentile bootstrap confidence intervals for every scalar metric.
+
+    Samples are resampled with replacement within each true class, so every resample keeps the class supports of
+    the test set (the CI reflects classifier variability, not label-mix variability).
+
+    Args:
+        y_true: int class indices, shape (N,).
+        probs: class probabilities, shape (N, C).
+        class_names: C unique names.
+        n_resamples: number of bootstrap resamples, >= 1.
+        seed: seed of ``numpy.random.default_rng``; the same seed gives the same intervals.
+        alpha: two-sided level in (0, 1); 0.05 gives 95 % intervals.
+
+    Returns:
+        ``{metric: (low, high)}`` for every key of :func:`classification_metrics` except ``confusion_matrix``;
+        ``(nan, nan)`` where the metric is undefined in every resample.
+    """
+    if int(n_resamples) < 1:
+        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
+    if not 0.0 < float(alpha) < 1.0:
+        raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
+    y, p, names = _validate(y_true, probs, class_names)
+    n_classes, n = len(names), len(y)
+    rng = np.random.default_rng(seed)
+    class_idx = [np.flatnonzero(y == k) for k in range(n_classes)]
+    # Sorted by class, the resampled labels are the same in every resample: only the predictions move.
+    y_boot = np.concatenate([np.full(len(ix), k, dtype=np.int64) for k, ix in enumerate(class_idx)])
+    pred = p.argmax(axis=1)
+    chunk = max(1, _CHUNK_ELEMENTS // max(n, 1))
+    collected: dict[str, list[np.ndarray]] = {}
+    remaining = int(n_resamples)
+    while remaining > 0:
+        b = min(chunk, remaining)
+        remaining -= b
+        idx = np.concatenate(
+            [ix[rng.integers(0, len(ix), size=(b, len(ix)))] for ix in class_idx if len(ix)], axis=1
+        )
+        cm = _confusion_batch(np.broadcast_to(y_boot, (b, n)), pred[idx], n_classes)
+        auc = np.stack([_auc_batch(p[idx, k], y_boot == k) for k in range(n_classes)], axis=1)
+        for key, val in _metrics_from_counts(cm, auc, names).items():
+            collected.setdefault(key, []).append(val)
+    q = [100.0 * alpha / 2.0, 100.0 * (1.0 - alpha / 2.0)]
+    out: dict[str, tuple[float, float]] = {}
+    for key, chunks in collected.items():
+        vals = np.concatenate(chunks)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN metric: (nan, nan) is the answer
+            lo, hi = np.nanpercentile(vals, q)
+        out[key] = (float(lo), float(hi))
+    return out
+
+
+def evaluate_predictions(
+    y_true: Any,
+    probs: Any,
+    class_names: Sequence[str],
+    n_resamples: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> dict[str, Any]:
+    """Point estimates, bootstrap CIs, confusion matrix and supports in one JSON-ready dict.
+
+    Args:
+        y_true: int class indices, shape (N,).
+        probs: class probabilities, shape (N, C).
+        class_names: C unique names.
+        n_resamples: bootstrap resamples; 0 skips the bootstrap (CIs are NaN).
+        seed: bootstrap seed.
+        alpha: two-sided CI level.
+
+    Returns:
+        ``{"metrics": {name: float}, "ci": {name: [low, high]}, "confusion_matrix": [[int]],
+        "support": {class: int}, "class_names": [...], "n_samples": N, "n_resamples", "seed", "alpha"}``.
+    """
+    point = classification_metrics(y_true, probs, class_names)
+    cm = point.pop("confusion_matrix")
+    if n_resamples:
+        ci = bootstrap_ci(y_true, probs, class_names, n_resamples=n_resamples, seed=seed, alpha=alpha)
+    else:
+        ci = {key: (math.nan, math.nan) for key in point}
+    names = [str(c) for c in class_names]
+    return {
+        "metrics": point,
+        "ci": {key: [float(lo), float(hi)] for key, (lo, hi) in ci.items()},
+        "confusion_matrix": cm,
+        "support": {name: int(sum(cm[k])) for k, name in enumerate(names)},
+        "class_names": names,
+        "n_samples": int(sum(map(sum, cm))),
+        "n_resamples": int(n_resamples),
+        "seed": int(seed),
+        "alpha": float(alpha),
+    }
+
+
+def metrics_table(result: dict[str, Any]) -> pd.DataFrame:
+    """One row per scalar metric of an :func:`evaluate_predictions` result.
+
+    Returns:
+        DataFrame with columns ``metric``, ``value``, ``ci_low``, ``ci_high`` in the result's metric order.
+    """
+    rows = []
+    for key, value in result["metrics"].items():
+        lo, hi = result.get("ci", {}).get(key, (math.nan, math.nan))
+        rows.append({"metric": key, "value": value, "ci_low": lo, "ci_high": hi})
+    return pd.DataFrame(rows, columns=["metric", "value", "ci_low", "ci_high"])
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu()
+        if hasattr(x, "as_tensor"):  # MONAI MetaTensor
+            x = x.as_tensor()
+        x = x.numpy()
+    return np.asarray(x)
+
+
+def _validate(y_true: Any, probs: Any, class_names: Sequence[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    names = [str(c) for c in class_names]
+    if len(names) < 2:
+        raise ValueError(f"class_names needs at least 2 classes, got {names}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"class_names must be unique, got {names}")
+    p = _to_numpy(probs).astype(np.float64)
+    if p.ndim != 2 or p.shape[1] != len(names):
+        raise ValueError(f"probs must have shape (N, {len(names)}) for classes {names}; got {p.shape}")
+    if not np.all(np.isfinite(p)):
+        raise ValueError("probs contain NaN or infinite values")
+    y = labels_to_indices(y_true, len(names))
+    if len(y) != len(p):
+        raise ValueError(f"y_true has {len(y)} samples but probs has {len(p)}")
+    if len(y) == 0:
+        raise ValueError("cannot compute metrics on an empty set of predictions")
+    return y, p, names
+
+
+def _confusion_batch(y: np.ndarray, pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """Confusion matrices (B, C, C), rows = true class, from label and prediction arrays of shape (B, N)."""
+    b = y.shape[0]
+    flat = (np.arange(b)[:, None] * n_classes * n_classes + y * n_classes + pred).ravel()
+    return np.bincount(flat, minlength=b * n_classes * n_classes).reshape(b, n_classes, n_classes)
+
+
+def _auc_batch(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
+    """One-vs-rest ROC AUC per row via the Mann-Whitney U statistic (average ranks handle ties).
+
+    Args:
+        scores: (B, N) scores of the positive class.
+        positive: (N,) bool mask, shared by all rows.
+
+    Returns:
+        (B,) AUC in [0, 1]; NaN when the mask has no positives or no negatives.
+    """
+    n_pos = int(positive.sum())
+    n_neg = positive.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return np.full(scores.shape[0], np.nan)
+    ranks = rankdata(scores, axis=1)
+    u = ranks[:, positive].sum(axis=1) - n_pos * (n_pos + 1) / 2.0
+    return u / (n_pos * n_neg)
+
+
+def _safe_div(num: np.ndarray, den: np.ndarray, undefined: float) -> np.ndarray:
+    num = np.asarray(num, dtype=np.float64)
+    den = np.asarray(den, dtype=np.float64)
+    out = np.full(np.broadcast(num, den).shape, undefined, dtype=np.float64)
+    np.divide(num, den, out=out, where=den > 0)
+    return out
+
+
+def _metrics_from_counts(cm: np.ndarray, auc: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
+    """All scalar metrics, each of shape (B,), from confusion matrices (B, C, C) and AUCs (B, C)."""
+    cm = cm.astype(np.float64)
+    n = cm.sum(axis=(1, 2))
+    tp = np.diagonal(cm, axis1=1, axis2=2)
+    support = cm.sum(axis=2)
+    predicted = cm.sum(axis=1)
+    fp = predicted - tp
+    fn = support - tp
+    tn = n[:, None] - tp - fp - fn
+    precision = _safe_div(tp, predicted, 0.0)
+    recall = _safe_div(tp, support, 0.0)
+    specificity = _safe_div(tn, tn + fp, math.nan)
+    f1 = _safe_div(2 * tp, 2 * tp + fp + fn, 0.0)
+    present = support > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # mean of an empty/all-NaN slice is NaN by design
+        balanced = np.where(present, recall, np.nan)
+        balanced_accuracy = np.nanmean(balanced, axis=1)
+        macro_auc = auc[:, 1] if len(names) == 2 else np.nanmean(auc, axis=1)
+    out = {
+        "accuracy": _safe_div(tp.sum(axis=1), n, math.nan),
+        "balanced_accuracy": balanced_accuracy,
+        "macro_f1": f1.mean(axis=1),
+        "weighted_f1": _safe_div((f1 * support).sum(axis=1), support.sum(axis=1), math.nan),
+        "macro_auc": macro_auc,
+    }
+    per_class = {
+        "precision": precision,
+        "recall": recall,
+        "specificity": specificity,
+        "f1": f1,
+        "auc": auc,
+        "support": support,
+    }
+    for metric, arr in per_class.items():
+        for k, name in enumerate(names):
+            out[f"{metric}/{name}"] = arr[:, k]
+    return out

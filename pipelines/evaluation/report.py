@@ -1,0 +1,199 @@
+"""Writes an evaluation result (see :func:`pipelines.evaluation.metrics.evaluate_predictions`) to disk.
+
+Every file is written to a temporary sibling and moved into place with ``os.replace``, so a crash never leaves
+a half-written report next to complete ones.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from pipelines.evaluation.metrics import PER_CLASS_METRICS, SUMMARY_METRICS, metrics_table  # noqa: E402
+
+__all__ = [
+    "atomic_write",
+    "atomic_write_text",
+    "atomic_write_json",
+    "atomic_write_csv",
+    "atomic_save_figure",
+    "classification_report_table",
+    "write_evaluation",
+    "markdown_table",
+]
+
+
+def atomic_write(path: str | os.PathLike, writer: Callable[[Path], None]) -> Path:
+    """Call ``writer(tmp_path)`` on a temporary file in the target folder, then move it onto ``path``.
+
+    Args:
+        path: final file path; its parent folder is created.
+        writer: writes the complete file at the path it is given (which keeps ``path``'s suffix).
+
+    Returns:
+        ``path`` as a Path.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f"{path.suffix}.tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        writer(tmp_path)
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Atomically write UTF-8 text."""
+    return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Atomically write strict JSON (NaN and infinities become ``null``)."""
+    return atomic_write_text(path, json.dumps(_json_safe(obj), indent=2, allow_nan=False) + "\n")
+
+
+def atomic_write_csv(path: str | os.PathLike, df: pd.DataFrame) -> Path:
+    """Atomically write a DataFrame as CSV without its index."""
+    return atomic_write(path, lambda p: df.to_csv(p, index=False))
+
+
+def atomic_save_figure(fig: Any, path: str | os.PathLike, dpi: int = 120) -> Path:
+    """Atomically save a matplotlib figure as PNG and close it."""
+    try:
+        return atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=dpi, bbox_inches="tight"))
+    finally:
+        plt.close(fig)
+
+
+def classification_report_table(result: dict[str, Any]) -> pd.DataFrame:
+    """Per-class table: ``class``, ``support``, then ``<metric>``, ``<metric>_ci_low``, ``<metric>_ci_high`` for
+    precision, recall, specificity, f1 and auc."""
+    metrics, ci = result["metrics"], result.get("ci", {})
+    rows = []
+    for name in result["class_names"]:
+        row: dict[str, Any] = {"class": name, "support": int(result["support"][name])}
+        for metric in PER_CLASS_METRICS:
+            if metric == "support":
+                continue
+            key = f"{metric}/{name}"
+            lo, hi = ci.get(key, (math.nan, math.nan))
+            row[metric] = metrics[key]
+            row[f"{metric}_ci_low"] = lo
+            row[f"{metric}_ci_high"] = hi
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def write_evaluation(
+    result: dict[str, Any], out_dir: str | os.PathLike, class_names: Sequence[str] | None = None
+) -> dict[str, Path]:
+    """Write the standard evaluation report.
+
+    Args:
+        result: output of :func:`~pipelines.evaluation.metrics.evaluate_predictions` (extra JSON-serialisable
+            keys, e.g. ``calibration``, are kept in metrics.json).
+        out_dir: folder, created if needed.
+        class_names: class order for the confusion-matrix axes; defaults to ``result["class_names"]`` and must
+            match it when given.
+
+    Returns:
+        ``{"metrics_json", "metrics_ci_csv", "classification_report_csv", "confusion_matrix_png"}`` -> Path.
+    """
+    names = list(result["class_names"]) if class_names is None else [str(c) for c in class_names]
+    if names != list(result["class_names"]):
+        raise ValueError(f"class_names {names} differ from the result's {result['class_names']}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return {
+        "metrics_json": atomic_write_json(out / "metrics.json", result),
+        "metrics_ci_csv": atomic_write_csv(out / "metrics_ci.csv", metrics_table(result)),
+        "classification_report_csv": atomic_write_csv(
+            out / "classification_report.csv", classification_report_table(result)
+        ),
+        "confusion_matrix_png": atomic_save_figure(
+            _confusion_figure(np.asarray(result["confusion_matrix"]), names), out / "confusion_matrix.png"
+        ),
+    }
+
+
+def markdown_table(result: dict[str, Any], per_class: bool = True, digits: int = 3) -> str:
+    """Markdown tables (summary metrics, then per class) with ``value [low, high]`` cells, for docs/README.md."""
+    level = 100.0 * (1.0 - float(result.get("alpha", 0.05)))
+    metrics, ci = result["metrics"], result.get("ci", {})
+
+    def cell(key: str) -> str:
+        lo, hi = ci.get(key, (math.nan, math.nan))
+        return f"{_fmt(metrics[key], digits)} [{_fmt(lo, digits)}, {_fmt(hi, digits)}]"
+
+    lines = [
+        f"| metric | value [{level:g}% CI] |",
+        "|---|---|",
+        *(f"| {key} | {cell(key)} |" for key in SUMMARY_METRICS if key in metrics),
+    ]
+    if per_class:
+        cols = [m for m in PER_CLASS_METRICS if m != "support"]
+        lines += ["", "| class | support | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
+        for name in result["class_names"]:
+            cells = " | ".join(cell(f"{m}/{name}") for m in cols)
+            lines.append(f"| {name} | {int(result['support'][name])} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value: float, digits: int) -> str:
+    return "n/a" if value is None or not math.isfinite(float(value)) else f"{float(value):.{digits}f}"
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, np.ndarray):
+        return _json_safe(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _confusion_figure(cm: np.ndarray, names: list[str]) -> Any:
+    rows = cm.sum(axis=1, keepdims=True)
+    normed = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=float), where=rows > 0)
+    size = max(4.0, 0.6 * len(names) + 2.5)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1, size))
+    panels = ((axes[0], cm, "counts", "d"), (axes[1], normed, "row-normalised (recall)", ".2f"))
+    for ax, mat, title, fmt in panels:
+        im = ax.imshow(mat, cmap="Blues", vmin=0, vmax=(1.0 if fmt == ".2f" else max(1, mat.max())))
+        ax.set_title(f"Confusion matrix: {title}")
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+        ax.set_yticks(range(len(names)), names)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        threshold = (mat.max() if mat.size else 0) / 2.0
+        for i in range(mat.shape[0]):
+            for j in range(mat.shape[1]):
+                ax.text(j, i, format(mat[i, j], fmt), ha="center", va="center",
+                        color="white" if mat[i, j] > threshold else "black", fontsize=8)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,6 @@
+"""Networks: every classifier returns one logits tensor and traces for TorchScript export."""
+
+from pipelines.networks.hybrid import CNNViTHybrid
+from pipelines.networks.vit import ViTClassifier
+
+__all__ = ["CNNViTHybrid", "ViTClassifier"]
