@@ -7,10 +7,14 @@ its ``meta`` unchanged (the affine is not touched: none of these transforms move
 Typical head-CT chain (HU volume from a DICOM series, then three classic windows as channels)::
 
     Compose([
-        LoadImaged("image", image_only=True, ensure_channel_first=True),
-        ToHUd("image", slope_key="rescale_slope", intercept_key="rescale_intercept"),
+        LoadImaged("image", image_only=True, ensure_channel_first=True),  # ITK/Pydicom readers already give HU
         MultiWindowCTd("image", windows=("brain", "subdural", "bone")),
     ])
+
+MONAI's ITKReader and PydicomReader apply RescaleSlope/Intercept themselves, so :class:`ToHU` is for stored
+values read another way (e.g. ``pydicom`` ``pixel_array`` put into the sample dict together with
+``rescale_slope``/``rescale_intercept`` entries: ``ToHUd("image", slope_key="rescale_slope",
+intercept_key="rescale_intercept")``).
 """
 
 from __future__ import annotations
@@ -144,7 +148,9 @@ class ToHU(Transform):
             raise ValueError("rescale slope must be non-zero")
         return out
 
-    def __call__(self, img: NdarrayOrTensor, slope: float | None = None, intercept: float | None = None) -> NdarrayOrTensor:
+    def __call__(
+        self, img: NdarrayOrTensor, slope: float | None = None, intercept: float | None = None
+    ) -> NdarrayOrTensor:
         """Applies the rescale.
 
         Args:
@@ -367,7 +373,9 @@ class MultiWindowCT(Transform):
     def __call__(self, img: NdarrayOrTensor) -> NdarrayOrTensor:
         """Returns ``(len(windows), *spatial)`` values in [0, 1]."""
         if img.ndim < 2:
-            raise ValueError(f"MultiWindowCT expects a channel-first image (C, H, W[, D]), got shape {tuple(img.shape)}")
+            raise ValueError(
+                f"MultiWindowCT expects a channel-first image (C, H, W[, D]), got shape {tuple(img.shape)}"
+            )
         if self.prewindowed:
             out = _prewindowed_gray(img, self.dtype) / 255.0
             if self.clip:
@@ -375,7 +383,9 @@ class MultiWindowCT(Transform):
             reps = (len(self.windows),) + (1,) * (out.ndim - 1)
             return np.tile(out, reps) if isinstance(out, np.ndarray) else out.repeat(*reps)
         if img.shape[0] != 1:
-            raise ValueError(f"MultiWindowCT expects a one-channel HU image (1, H, W[, D]), got shape {tuple(img.shape)}")
+            raise ValueError(
+                f"MultiWindowCT expects a one-channel HU image (1, H, W[, D]), got shape {tuple(img.shape)}"
+            )
         return concatenate([op(img) for op in self._ops], axis=0)
 
 
@@ -415,7 +425,9 @@ def _resolve_slice_axis(ndim: int, axis: int, shape: Sequence[int]) -> int:
         raise ValueError(f"2.5D context needs a channel-first volume (C, H, W, D), got shape {tuple(shape)}")
     ax = axis + ndim if axis < 0 else axis
     if not 1 <= ax < ndim:
-        raise ValueError(f"slice axis {axis} must be a spatial axis (1..{ndim - 1} or negative) of shape {tuple(shape)}")
+        raise ValueError(
+            f"slice axis {axis} must be a spatial axis (1..{ndim - 1} or negative) of shape {tuple(shape)}"
+        )
     return ax
 
 

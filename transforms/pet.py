@@ -193,7 +193,7 @@ class SUVR(Transform):
         if img.ndim != 4:
             raise ValueError(f"SUVR fallback needs a channel-first 3D image (C, X, Y, Z), got shape {tuple(img.shape)}")
         if self.check_orientation and isinstance(img, MetaTensor):
-            axis2 = np.asarray(img.affine.detach().cpu() if isinstance(img.affine, torch.Tensor) else img.affine)[:3, 2]
+            axis2 = convert_to_tensor(img.affine, track_meta=False).detach().cpu().numpy()[:3, 2]
             if int(np.argmax(np.abs(axis2))) != 2 or axis2[2] <= 0:
                 raise ValueError(
                     "SUVR fallback assumes RAS orientation (spatial axis 2 = inferior->superior); the image's "
@@ -232,7 +232,8 @@ class SUVR(Transform):
             mask = torch.broadcast_to(mask.to(values.device), values.shape)
         except RuntimeError:
             raise ValueError(
-                f"SUVR: reference mask shape {tuple(mask.shape)} does not broadcast to image shape {tuple(values.shape)}"
+                f"SUVR: reference mask shape {tuple(mask.shape)} does not broadcast to image shape "
+                f"{tuple(values.shape)}"
             ) from None
         counts = mask.reshape(mask.shape[0], -1).sum(dim=1)
         if bool((counts == 0).any()):

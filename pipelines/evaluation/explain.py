@@ -166,7 +166,8 @@ def save_overlay(image: Any, heatmap: Any, path: str | os.PathLike, title: str =
     axes[1].set_title("heat map")
     fig.colorbar(im, ax=axes[1], fraction=0.046, pad=0.04)
     axes[2].imshow(img, cmap="gray")
-    axes[2].imshow(heat, cmap="jet", alpha=0.4, vmin=0, vmax=1)
+    # Opacity follows the heat so unimportant regions show the anatomy untinted.
+    axes[2].imshow(heat, cmap="jet", alpha=0.6 * heat, vmin=0, vmax=1)
     axes[2].set_title("overlay")
     for ax in axes:
         ax.axis("off")
@@ -268,9 +269,8 @@ def _pick_examples(
 ) -> list[tuple[torch.Tensor, int]]:
     counts = [0] * n_classes
     picked: list[tuple[torch.Tensor, int]] = []
-    map_style = (
-        not isinstance(source, torch.utils.data.DataLoader) and hasattr(source, "__getitem__") and hasattr(source, "__len__")
-    )
+    is_loader = isinstance(source, torch.utils.data.DataLoader)
+    map_style = not is_loader and hasattr(source, "__getitem__") and hasattr(source, "__len__")
     batches = ({k: [v] for k, v in source[i].items()} for i in range(len(source))) if map_style else source
     for batch in batches:
         images = batch[image_key]

@@ -76,7 +76,8 @@ class EvaluationReportHandler:
         calibration_bins: ECE / reliability-diagram bins.
         tta_crop_fraction: crop side fraction of the 5-crop policies.
         tta_flip_dim: axis mirrored by the flip policies (see :func:`pipelines.evaluation.tta.tta_views`).
-        pred_key: engine-output key of the logits (raw logits or softmax probabilities; not discretised).
+        pred_key: engine-output key of the logits: raw (N, C) logits or softmax probabilities, never discretised;
+            a single channel with two classes is read as the sigmoid logit of class 1.
         label_key: engine-output/loader key of the labels (indices or one-hot).
         image_key: loader key of the images.
 
@@ -286,7 +287,9 @@ class EvaluationReportHandler:
             # A single sigmoid logit z is exactly the two-class softmax over (0, z).
             pred = np.concatenate([np.zeros_like(pred), pred], axis=1)
         if pred.shape[1] != n_classes:
-            raise ValueError(f"{self.pred_key!r} has {pred.shape[1]} channels for {n_classes} classes {self.class_names}")
+            raise ValueError(
+                f"{self.pred_key!r} has {pred.shape[1]} channels for {n_classes} classes {self.class_names}"
+            )
         if not np.all(np.isfinite(pred)):
             raise ValueError(f"{self.pred_key!r} contains NaN or infinite values")
         in_unit = pred.min() >= 0.0 and pred.max() <= 1.0
@@ -333,7 +336,10 @@ class EvaluationReportHandler:
             return None
         client = MlflowClient(tracking_uri=self.mlflow_tracking_uri)
         experiment = client.get_experiment_by_name(self.mlflow_experiment)
-        exp_id = experiment.experiment_id if experiment is not None else client.create_experiment(self.mlflow_experiment)
+        if experiment is not None:
+            exp_id = experiment.experiment_id
+        else:
+            exp_id = client.create_experiment(self.mlflow_experiment)
         tags = {**self.tags, "stage": "evaluation"}
         run = client.create_run(exp_id, run_name=self.mlflow_run_name, tags=tags)
         return client, run.info.run_id, True

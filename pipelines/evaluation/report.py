@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,16 +40,16 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[Path], None]) -> Pat
 
     Args:
         path: final file path; its parent folder is created.
-        writer: writes the complete file at the path it is given (which keeps ``path``'s suffix).
+        writer: writes the complete file at the path it is given (a hidden sibling ending in ``.tmp``, so writers
+            must not infer the format from the suffix).
 
     Returns:
         ``path`` as a Path.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f"{path.suffix}.tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    # Not mkstemp: its files are mode 0600, while reports should get the usual umask-based permissions.
+    tmp_path = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
         writer(tmp_path)
         os.replace(tmp_path, path)

@@ -327,7 +327,7 @@ def default_dataset(name: str = "alzheimer", seed: int = 0, **kwargs) -> str:
         import hashlib
 
         suffix = "-" + hashlib.sha1(repr(sorted(kwargs.items())).encode()).hexdigest()[:8]
-    folder = cache_root() / "phantoms" / f"{name}-v{GENERATOR_VERSION}-seed{seed}{suffix}
+    folder = cache_root() / "phantoms" / f"{name}-v{GENERATOR_VERSION}-seed{seed}{suffix}"
     if not (folder / "participants.tsv").exists():
         logger.info("generating the %s phantom into %s (first use)", name, folder)
         try:
@@ -335,5 +335,17 @@ def default_dataset(name: str = "alzheimer", seed: int = 0, **kwargs) -> str:
         except FileExistsError:
             # another process created it concurrently; its os.replace is atomic, so it is complete
             if not (folder / "participants.tsv").exists():
-                raise
+                raise FileExistsError(
+                    f"phantom cache folder {folder} exists but is incomplete (no participants.tsv); delete it"
+                ) from None
     return str(folder)
+
+
+def example_volume(name: str = "alzheimer", seed: int = 0) -> str:
+    """Path of the first test-split subject's NIfTI volume in the default phantom (generated on first use)."""
+    import pandas as pd
+
+    root = Path(default_dataset(name, seed))
+    table = pd.read_csv(root / "participants.tsv", sep="\t")
+    sid = table.loc[table["split"] == "test", "subject_id"].iloc[0]
+    return str(root / "volumes" / sid / "ses-01" / "anat" / f"{sid}_ses-01_T1w.nii.gz")

@@ -3,10 +3,11 @@
 The phantom mimics the appearance that amyloid PET reads rely on (florbetapir/florbetaben/flutemetamol):
 
 * amyloid-negative (class 0): high non-specific white-matter (WM) uptake, low cortical grey matter (GM):
-  the cortex/WM contrast is "WM-dominant" (cortex/WM about 0.5 .. 0.7);
+  the cortex/WM contrast is "WM-dominant" (tissue cortex/WM 0.5 .. 0.7);
 * intermediate (class 1): elevated uptake in only some cortical regions (precuneus/posterior cingulate,
   frontal, parietal, temporal, occipital), the rest negative-looking;
-* positive (class 2): diffuse cortical uptake at or above WM (cortex/WM about 1.05 .. 1.3).
+* positive (class 2): diffuse cortical uptake above WM (tissue cortex/WM 1.2 .. 1.45; the thin ribbon loses
+  about 10 % to partial volume, so the measured mean over the cortex label is about 1.0 .. 1.3).
 
 The cerebellar grey matter (inferior, posterior) is the reference region (level 1 in SUVR units). A subject
 varies in head size and position, WM level, global activity scale (Bq/ml), resolution (Gaussian PSF of 5 .. 8 mm
@@ -156,7 +157,7 @@ def make_amyloid_volume(
         for lobe in chosen:
             cortical[lobes[lobe]] = wm * rng.uniform(0.95, 1.15)
     else:
-        cortical = np.full(labels.shape, wm * rng.uniform(1.05, 1.3))
+        cortical = np.full(labels.shape, wm * rng.uniform(1.2, 1.45))
         for lobe in _LOBES:
             cortical[lobes[lobe]] *= rng.uniform(0.95, 1.05)
     suvr = np.zeros(labels.shape, dtype=np.float64)

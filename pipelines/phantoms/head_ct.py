@@ -460,7 +460,9 @@ def write_dicom_series(
     existing = sorted(out.glob("*.dcm"))
     if existing:
         if not overwrite:
-            raise FileExistsError(f"{out} already holds {len(existing)} .dcm files; pass overwrite=True to replace them")
+            raise FileExistsError(
+                f"{out} already holds {len(existing)} .dcm files; pass overwrite=True to replace them"
+            )
         for path in existing:
             path.unlink()
 

@@ -124,3 +124,12 @@ def save_executed_config(path: str | os.PathLike, argv: list[str] | None = None)
     path.parent.mkdir(parents=True, exist_ok=True)
     ConfigParser.export_config_file(parser.get(), str(path), indent=2)
     return str(path)
+
+
+def bundle_version(bundle_root: str | os.PathLike) -> str:
+    """The ``version`` in ``<bundle_root>/configs/metadata.json`` (empty string when absent)."""
+    meta = Path(bundle_root) / "configs" / "metadata.json"
+    try:
+        return str(json.loads(meta.read_text()).get("version", ""))
+    except (OSError, ValueError):
+        return ""

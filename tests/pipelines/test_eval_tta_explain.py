@@ -222,7 +222,12 @@ def test_explain_examples_uses_rollout_for_a_transformer(tmp_path, monkeypatch):
     import pipelines.evaluation.explain as explain
 
     calls = []
-    monkeypatch.setattr(explain, "attention_rollout", lambda m, x: calls.append(x.shape) or torch.rand(len(x), 1, 16, 16))
+
+    def fake_rollout(model, images):
+        calls.append(tuple(images.shape))
+        return torch.rand(len(images), 1, 16, 16)
+
+    monkeypatch.setattr(explain, "attention_rollout", fake_rollout)
     paths = explain_examples(TinyViT(), _loader(), ["CN", "MCI", "AD"], tmp_path, per_class=1, method="auto")
     assert [p.name for p in paths] == ["CN_0.png", "MCI_0.png", "AD_0.png"]
     assert calls == [(3, 1, 16, 16)]

@@ -1,0 +1,269 @@
+"""Multi-slice classification of whole studies: a folder of 2D images, a single image, a 3D NIfTI volume,
+or a DICOM series folder. Per-slice probabilities plus a study-level result, written as CSV and JSON.
+
+The preprocessing is passed in from the bundle's ``inference.json`` (the same transforms as validation in
+``train.json``), so a slice is normalised exactly as in training.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipelines.inference.aggregate import aggregate_probs
+from pipelines.manifests.builders import IMAGE_EXTENSIONS, NIFTI_EXTENSIONS
+
+logger = logging.getLogger(__name__)
+
+_SUBJECT_RE = re.compile(r"(sub-[A-Za-z0-9]+)")
+
+
+class InputError(ValueError):
+    """An inference input that cannot be used; the message names the path and the problem."""
+
+
+def load_state_dict(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict:
+    """Load network weights safely (``weights_only=True``) from a MONAI/ignite checkpoint.
+
+    Accepts a bare state dict or a dict holding it under ``model`` / ``network`` / ``state_dict``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path} (train the bundle first, or pass --ckpt_path)")
+    ckpt = torch.load(path, map_location=device, weights_only=True)
+    for key in ("model", "network", "state_dict"):
+        if isinstance(ckpt, dict) and key in ckpt and isinstance(ckpt[key], dict):
+            return ckpt[key]
+    return ckpt
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def is_nifti(path: Path) -> bool:
+    return path.is_file() and path.name.lower().endswith(NIFTI_EXTENSIONS)
+
+
+def is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _looks_like_dicom(path: Path) -> bool:
+    if path.suffix.lower() == ".dcm":
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+        return len(head) == 132 and head[128:132] == b"DICM"
+    except OSError:
+        return False
+
+
+class ClassificationPredictor:
+    """Predict class probabilities for studies with a trained 2D slice classifier.
+
+    Args:
+        network: the classifier (returns logits ``(N, C)``); weights are loaded from ``ckpt_path``.
+        class_names: class names in output order.
+        image_transform: dict transform ``{"image": path} -> {"image": (1, H, W) tensor}`` for 2D files.
+        volume_transform: dict transform ``{"image": (1, X, Y, Z) MetaTensor} -> list of slice dicts`` (each
+            with ``image`` (1, H, W) and ``slice_index``), e.g. Orientationd + ExtractSlicesd + the 2D
+            normalisation. The predictor loads NIfTI files (MONAI ``LoadImage``) and DICOM series folders
+            (:func:`pipelines.io.dicom.load_series`) itself.
+        ckpt_path: weights to load (None: use the network as it is).
+        device: inference device.
+        batch_size: slices per forward pass.
+        aggregation: study aggregation (:func:`pipelines.inference.aggregate.aggregate_probs`).
+        topk: k for ``topk_mean``.
+        model_name, model_version: recorded in the JSON output.
+    """
+
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        class_names: Sequence[str],
+        image_transform: Callable,
+        volume_transform: Callable | None = None,
+        ckpt_path: str | os.PathLike | None = None,
+        device: str | torch.device = "cpu",
+        batch_size: int = 32,
+        aggregation: str = "mean",
+        topk: int = 3,
+        model_name: str = "model",
+        model_version: str = "",
+    ) -> None:
+        self.device = torch.device(device)
+        self.network = network.to(self.device)
+        if ckpt_path is not None:
+            self.network.load_state_dict(load_state_dict(ckpt_path, self.device))
+        self.network.eval()
+        self.class_names = list(class_names)
+        self.image_transform = image_transform
+        self.volume_transform = volume_transform
+        self.batch_size = batch_size
+        self.aggregation = aggregation
+        self.topk = topk
+        self.model_name = model_name
+        self.model_version = model_version
+
+    # -- forward -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict_tensors(self, images: Sequence[torch.Tensor]) -> np.ndarray:
+        """Softmax probabilities ``(N, C)`` for preprocessed slices ``(1, H, W)``."""
+        out = []
+        for i in range(0, len(images), self.batch_size):
+            batch = torch.stack([torch.as_tensor(x).float() for x in images[i : i + self.batch_size]]).to(self.device)
+            out.append(torch.softmax(self.network(batch), dim=1).float().cpu())
+        return torch.cat(out).numpy() if out else np.zeros((0, len(self.class_names)))
+
+    # -- inputs ----------------------------------------------------------------------------------------------
+    def load_volume(self, path: Path):
+        """A channel-first ``(1, X, Y, Z)`` MetaTensor from a NIfTI file or a DICOM series folder."""
+        if path.is_dir():
+            from pipelines.io.dicom import load_series
+
+            vol = load_series(path).to_metatensor()
+        else:
+            from monai.transforms import LoadImage
+
+            try:
+                vol = LoadImage(image_only=True, ensure_channel_first=True)(str(path))
+            except Exception as e:
+                raise InputError(f"{path}: cannot read the volume ({e})") from e
+        if vol.ndim != 4 or vol.shape[0] != 1:
+            raise InputError(
+                f"{path}: expected a single-channel 3D volume, got array shape {tuple(vol.shape)} "
+                "(channel first); 2D images go in as PNG/JPG, 4D series must be split first"
+            )
+        if not torch.isfinite(torch.as_tensor(vol)).all():
+            raise InputError(f"{path}: volume holds NaN or infinite values")
+        return vol
+
+    def _slices_from_volume(self, path: Path) -> tuple[list[torch.Tensor], list[int]]:
+        if self.volume_transform is None:
+            raise InputError(f"{path}: this predictor has no volume transform (3D input not supported)")
+        vol = self.load_volume(path)
+        try:
+            items = self.volume_transform({"image": vol})
+        except Exception as e:
+            # MONAI wraps transform errors; surface the root cause with the file name
+            root = e
+            while root.__cause__ is not None:
+                root = root.__cause__
+            raise InputError(f"{path}: {root}") from e
+        if isinstance(items, dict):
+            items = [items]
+        if not items:
+            raise InputError(f"{path}: no usable slices (empty or blank volume)")
+        return [it["image"] for it in items], [int(it.get("slice_index", i)) for i, it in enumerate(items)]
+
+    def predict_volume(self, path: str | os.PathLike) -> dict:
+        """Per-slice probabilities and the study result for a NIfTI file or a DICOM series folder."""
+        path = Path(path)
+        images, idx = self._slices_from_volume(path)
+        probs = self.predict_tensors(images)
+        rows = [{"source": path.name, "slice_index": i} for i in idx]
+        return self._result(path.name, rows, probs, kind="volume")
+
+    def predict_images(self, paths: Sequence[str | os.PathLike], study_name: str) -> dict:
+        """Per-image probabilities and one aggregated result for a set of 2D images of one study."""
+        images = [self.image_transform({"image": str(p)})["image"] for p in paths]
+        probs = self.predict_tensors(images)
+        rows = [{"source": Path(p).name, "slice_index": -1} for p in paths]
+        return self._result(study_name, rows, probs, kind="images")
+
+    def _result(self, study: str, rows: list[dict], probs: np.ndarray, kind: str) -> dict:
+        study_probs = aggregate_probs(probs, self.aggregation, k=self.topk)
+        k = int(np.argmax(study_probs))
+        for row, p in zip(rows, probs):
+            row["predicted"] = self.class_names[int(np.argmax(p))]
+            row.update({f"prob_{c}": float(v) for c, v in zip(self.class_names, p)})
+        return {
+            "study": study,
+            "input_kind": kind,
+            "n_slices": len(rows),
+            "aggregation": self.aggregation,
+            "predicted_class": self.class_names[k],
+            "predicted_index": k,
+            "probability": float(study_probs[k]),
+            "probabilities": {c: float(v) for c, v in zip(self.class_names, study_probs)},
+            "slices": rows,
+        }
+
+    def predict_path(self, input_path: str | os.PathLike) -> list[dict]:
+        """Dispatch on the input: NIfTI file, DICOM folder, single image, or a folder of images / volumes.
+
+        A folder of 2D images is grouped into studies by the ``sub-XXX`` id in the file names when present,
+        otherwise the whole folder is one study.
+        """
+        path = Path(input_path)
+        if not path.exists():
+            raise InputError(f"input not found: {path}")
+        if is_nifti(path):
+            return [self.predict_volume(path)]
+        if path.is_file():
+            if is_image(path):
+                return [self.predict_images([path], path.stem)]
+            if _looks_like_dicom(path):
+                return [self.predict_volume(path.parent)]
+            raise InputError(f"{path}: unsupported file type (expected NIfTI, PNG/JPG/BMP/TIFF or DICOM)")
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        volumes = [p for p in files if is_nifti(p)]
+        images = [p for p in files if is_image(p)]
+        if volumes:
+            return [self.predict_volume(v) for v in volumes]
+        if images:
+            groups: "OrderedDict[str, list[Path]]" = OrderedDict()
+            for p in images:
+                m = _SUBJECT_RE.search(p.name)
+                groups.setdefault(m.group(1) if m else path.name, []).append(p)
+            return [self.predict_images(g, name) for name, g in groups.items()]
+        if any(_looks_like_dicom(p) for p in files[:50]):
+            return [self.predict_volume(path)]
+        raise InputError(f"{path}: folder holds no images, NIfTI volumes or DICOM files")
+
+    def run(self, input_path: str | os.PathLike, output_dir: str | os.PathLike) -> dict:
+        """Predict and write ``predictions.csv`` (one row per slice) and ``predictions.json`` to ``output_dir``.
+
+        Files are written atomically: an error leaves earlier outputs untouched.
+        """
+        results = self.predict_path(input_path)
+        out = Path(output_dir)
+        rows = []
+        for r in results:
+            for s in r["slices"]:
+                rows.append({"study": r["study"], **s})
+        summary = {
+            "model": {"name": self.model_name, "version": self.model_version},
+            "class_names": self.class_names,
+            "input": Path(input_path).name,
+            "studies": [{k: v for k, v in r.items()} for r in results],
+        }
+        _atomic_write(out / "predictions.csv", lambda p: pd.DataFrame(rows).to_csv(p, index=False))
+        _atomic_write(out / "predictions.json", lambda p: p.write_text(json.dumps(summary, indent=2)))
+        for r in results:
+            logger.info(
+                "%s: %s (p=%.3f, %d slice(s), %s of slice probabilities)",
+                r["study"], r["predicted_class"], r["probability"], r["n_slices"], r["aggregation"],
+            )
+        logger.info("predictions written to %s", out)
+        return summary
