@@ -33,7 +33,7 @@ __all__ = [
     "metrics_table",
 ]
 
-SUMMARY_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "macro_auc")
+SUMMARY_METRICS = ("accuracy", "balanced_accuracy", "macro_specificity", "macro_f1", "weighted_f1", "macro_auc")
 PER_CLASS_METRICS = ("precision", "recall", "specificity", "f1", "auc", "support")
 
 # Elements per bootstrap chunk (resamples x samples): bounds memory at a few tens of MB for large test sets.
@@ -81,10 +81,10 @@ def classification_metrics(y_true: Any, probs: Any, class_names: Sequence[str]) 
         class_names: C unique names, index-aligned with the columns of ``probs``.
 
     Returns:
-        Ordered dict: ``accuracy``, ``balanced_accuracy``, ``macro_f1``, ``weighted_f1``, ``macro_auc``, then per
-        class ``precision/<name>``, ``recall/<name>``, ``specificity/<name>``, ``f1/<name>``, ``auc/<name>``,
-        ``support/<name>`` (all floats, NaN where undefined), and ``confusion_matrix`` (list of C lists of ints,
-        rows = true class, columns = predicted class).
+        Ordered dict: ``accuracy``, ``balanced_accuracy``, ``macro_specificity``, ``macro_f1``, ``weighted_f1``,
+        ``macro_auc``, then per class ``precision/<name>``, ``recall/<name>``, ``specificity/<name>``,
+        ``f1/<name>``, ``auc/<name>``, ``support/<name>`` (all floats, NaN where undefined), and
+        ``confusion_matrix`` (list of C lists of ints, rows = true class, columns = predicted class).
     """
     y, p, names = _validate(y_true, probs, class_names)
     n_classes = len(names)
@@ -292,10 +292,13 @@ def _metrics_from_counts(cm: np.ndarray, auc: np.ndarray, names: list[str]) -> d
         warnings.simplefilter("ignore", RuntimeWarning)  # mean of an empty/all-NaN slice is NaN by design
         balanced = np.where(present, recall, np.nan)
         balanced_accuracy = np.nanmean(balanced, axis=1)
+        # Mean one-vs-rest specificity; the macro sensitivity is balanced_accuracy.
+        macro_specificity = np.nanmean(specificity, axis=1)
         macro_auc = auc[:, 1] if len(names) == 2 else np.nanmean(auc, axis=1)
     out = {
         "accuracy": _safe_div(tp.sum(axis=1), n, math.nan),
         "balanced_accuracy": balanced_accuracy,
+        "macro_specificity": macro_specificity,
         "macro_f1": f1.mean(axis=1),
         "weighted_f1": _safe_div((f1 * support).sum(axis=1), support.sum(axis=1), math.nan),
         "macro_auc": macro_auc,

@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def aggregate_probs(probs: np.ndarray, method: str = "mean", k: int = 3, weights: np.ndarray | None = None) -> np.ndarray:
+def aggregate_probs(
+    probs: np.ndarray, method: str = "mean", k: int = 3, weights: np.ndarray | None = None, renormalize: bool = True
+) -> np.ndarray:
     """Combine slice probabilities ``(N, C)`` into one study probability vector ``(C,)``.
 
     Args:
@@ -16,6 +18,8 @@ def aggregate_probs(probs: np.ndarray, method: str = "mean", k: int = 3, weights
             validation accuracy of each slice position as in ClinicaDL).
         k: slices averaged by ``topk_mean``.
         weights: per-slice non-negative weights for ``weighted``.
+        renormalize: divide the result by its sum. False keeps each class's own statistic, e.g. the highest
+            slice probability of a finding for ``max`` (detection tasks score a study by that number).
 
     Raises:
         ValueError: empty input, a bad method, or weights of the wrong length / all zero.
@@ -41,5 +45,7 @@ def aggregate_probs(probs: np.ndarray, method: str = "mean", k: int = 3, weights
         out = (p * w[:, None]).sum(axis=0) / w.sum()
     else:
         raise ValueError(f"unknown aggregation {method!r}; use mean, max, topk_mean or weighted")
+    if not renormalize:
+        return out
     total = out.sum()
     return out / total if total > 0 else out

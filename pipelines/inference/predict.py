@@ -139,9 +139,12 @@ class ClassificationPredictor:
     def load_volume(self, path: Path):
         """A channel-first ``(1, X, Y, Z)`` MetaTensor from a NIfTI file or a DICOM series folder."""
         if path.is_dir():
+            from monai.transforms import EnsureChannelFirst
+
             from pipelines.io.dicom import load_series
 
-            vol = load_series(path).to_metatensor()
+            # to_metatensor() has no channel dimension (like LoadImage without ensure_channel_first)
+            vol = EnsureChannelFirst(channel_dim="no_channel")(load_series(path).to_metatensor())
         else:
             from monai.transforms import LoadImage
 

@@ -174,6 +174,9 @@ def from_nifti_participants(
         rel = f.relative_to(root)
         sub = _SUBJECT_RE.search(str(rel))
         subject = sub.group(1) if sub else next((part for part in rel.parts if part in subjects), None)
+        if subject is None:  # IXI-style "<subject>_T1.nii.gz": the longest subject id prefixing the file name
+            prefixed = [s for s in subjects if f.name.startswith(s) and f.name[len(s):len(s) + 1] in ("_", "-", ".")]
+            subject = max(prefixed, key=len) if prefixed else None
         ses = _SESSION_RE.search(str(rel))
         session = ses.group(1) if ses else "ses-01"
         rec = index.get((subject, session if has_session else None))
@@ -184,8 +187,9 @@ def from_nifti_participants(
         label = label_map.get(raw, raw) if label_map else raw
         row = {"subject_id": subject, "session_id": session, "image": str(f.resolve()), "label": label, "split": ""}
         for extra in ("age", "sex"):
-            if extra in table.columns:
-                row[extra] = rec[extra]
+            column = next((c for c in table.columns if str(c).lower() == extra), None)  # "Age", "SEX" too
+            if column is not None:
+                row[extra] = rec[column]
         rows.append(row)
     if orphans:
         warnings.warn(f"{len(orphans)} volume(s) under {root} match no participants row, e.g. {orphans[:3]}", stacklevel=2)

@@ -1,0 +1,578 @@
+"""Head-CT data for the ``ct_hemorrhage`` bundle: data lists, subject-level splits, the phantom default, slice loading.
+
+Two sources are understood (``dataset_dir``), besides a project manifest CSV (``manifest``):
+
+* the **head-CT phantom** (:mod:`pipelines.phantoms.head_ct`): one DICOM series a study and a per-slice
+  ``labels.csv`` (``subject_id, session_id, study_id, file, slice_index, label, study_label``); every slice is a
+  sample whose pixels are read in Hounsfield units;
+* the **pre-windowed PNG set** (Kaggle "Head CT - hemorrhage" layout): ``head_ct/NNN.png`` and ``labels.csv``
+  (``id, hemorrhage``). It gives no patient ids, but consecutive ids are often slices of one patient, so
+  consecutive ids are grouped into pseudo-subjects of ``group_size`` (default 5) and splits are made per group.
+
+Splits are per subject (all slices of a study stay together), stratified by the study label (for the phantom
+the study label, not the per-slice majority, which is "normal" for nearly every study). ``num_folds >= 2`` makes
+fold ``fold`` of a stratified k-fold the test split (cross-validation); otherwise ``test_fraction`` of the
+subjects is held out. Validation subjects are then drawn from the rest. The checked lists, ``manifest.csv`` and
+``split.json`` come from :func:`pipelines.training.data.prepare_data`.
+
+Slice loading (:class:`LoadCTImage`) returns ``(1, X, Y)`` float32: HU for the multi-window models, the 8-bit
+grey value in [0, 255] for ``window_preset="prewindowed"``. It follows the ``(x, y)`` (width first) layout of
+:func:`pipelines.io.images.load_grey_2d`, so a DICOM slice, a slice of a loaded series and a PNG of the same
+picture give the same array.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform, Transform
+
+from pipelines.manifests.schema import ManifestError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DICOM_SUFFIXES",
+    "WINDOW_PRESETS",
+    "CTInputError",
+    "LoadCTImage",
+    "LoadCTImaged",
+    "default_dataset",
+    "detect_format",
+    "dicom_slice_manifest",
+    "example_series",
+    "hu_to_8bit",
+    "is_dicom_file",
+    "load_prewindowed_2d",
+    "png_manifest",
+    "prepare_ct_data",
+    "window_channels",
+]
+
+#: Input channel sets of the bundle (``window_preset`` config id) -> windows for ``transforms.ct.MultiWindowCT``.
+WINDOW_PRESETS: dict[str, tuple[str, ...]] = {
+    "multi": ("brain", "subdural", "bone"),
+    "prewindowed": ("prewindowed", "prewindowed", "prewindowed"),
+}
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+_EIGHT_BIT_MODES = ("1", "L", "P", "RGB", "RGBA", "LA", "PA", "CMYK", "YCbCr", "RGBX", "HSV")
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+_ALPHA_MODES = ("RGBA", "LA", "PA")
+_PHANTOM_PRESETS = {
+    "head_ct": {"n_studies": 24, "slices": 24, "size": 128},
+    "head_ct-tiny": {"n_studies": 6, "slices": 8, "size": 64},
+}
+
+
+class CTInputError(ValueError):
+    """A CT input that cannot be used by this model; the message names the file and the problem."""
+
+
+def window_channels(window_preset: str) -> tuple[str, ...]:
+    """The three window names of a ``window_preset`` (``"multi"`` or ``"prewindowed"``).
+
+    Raises:
+        ValueError: unknown preset.
+    """
+    if window_preset not in WINDOW_PRESETS:
+        raise ValueError(f"unknown window_preset {window_preset!r}; choose one of {sorted(WINDOW_PRESETS)}")
+    return WINDOW_PRESETS[window_preset]
+
+
+# ------------------------------------------------------------------------------------------------ slice loading
+
+
+def is_dicom_file(path: str | os.PathLike) -> bool:
+    """True for a ``.dcm``/``.dicom``/``.ima`` file or any file with the ``DICM`` preamble marker."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return True
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def hu_to_8bit(hu: np.ndarray, window: str | Sequence[float] = "brain") -> np.ndarray:
+    """Render HU as an 8-bit display value in [0, 255] (float32, rounded) with one CT window.
+
+    This is how a DICOM image is turned into the kind of picture the pre-windowed PNG set holds (whose window
+    is not documented; brain 40/80 is the usual one).
+
+    Args:
+        hu: values in HU, any shape.
+        window: a preset name of ``transforms.ct.CT_WINDOW_PRESETS`` or a ``(level, width)`` pair in HU.
+    """
+    from transforms.ct import WindowCT, resolve_window
+
+    level, width = resolve_window(window)
+    return np.rint(WindowCT(level, width)(np.asarray(hu, dtype=np.float32)) * 255.0).astype(np.float32)
+
+
+def _pil_info(path: Path) -> tuple[str, bool]:
+    """(PIL mode, has transparency) from the header only."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.mode, im.mode in _ALPHA_MODES or (im.mode == "P" and "transparency" in im.info)
+
+
+def load_prewindowed_2d(path: str | os.PathLike) -> np.ndarray:
+    """Read an already windowed picture (PNG/JPG/BMP/TIFF) as an ``(x, y)`` float32 grey array in [0, 255].
+
+    Grey, RGB (luminance), palette, 16-bit and float images are accepted: 16-bit values are scaled by 255/65535,
+    float images must lie in [0, 1] (scaled by 255) or [0, 255]. Transparent pixels (RGBA, LA, palette with
+    transparency) are composited over black, i.e. read as air, instead of showing whatever colour they hide.
+
+    Raises:
+        ImageLoadError: missing file, not an image, multi-frame, empty, NaN/inf (from ``load_grey_2d``), or values
+            outside the range of their mode (e.g. a 32-bit integer image above 65535).
+    """
+    from pipelines.io.images import ImageLoadError, load_grey_2d
+
+    path = Path(path)
+    arr = load_grey_2d(path)
+    mode, has_alpha = _pil_info(path)
+    if mode in _SIXTEEN_BIT_MODES or (mode == "I" and arr.max() > 255):
+        if arr.min() < 0 or arr.max() > 65535:
+            raise ImageLoadError(f"{path}: integer image values {arr.min():.0f}..{arr.max():.0f} do not fit 16 bits")
+        arr = arr * np.float32(255.0 / 65535.0)
+    elif mode == "F":
+        lo, hi = float(arr.min()), float(arr.max())
+        if lo >= 0 and hi <= 1:
+            arr = arr * np.float32(255.0)
+        elif lo < 0 or hi > 255:
+            raise ImageLoadError(f"{path}: float image values {lo:g}..{hi:g} are neither in [0, 1] nor in [0, 255]")
+    elif mode not in _EIGHT_BIT_MODES and mode != "I":
+        raise ImageLoadError(f"{path}: unsupported image mode {mode!r} for a pre-windowed picture")
+    if has_alpha:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            alpha = np.asarray(im.convert("RGBA").getchannel("A"), dtype=np.float32).T / 255.0
+        arr = arr * alpha
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def _read_dicom_hu(path: Path) -> np.ndarray:
+    """One single-frame CT DICOM file as ``(x, y)`` float32 HU."""
+    from pipelines.io.dicom import read_dicom_slice
+
+    arr, ds = read_dicom_slice(path)
+    modality = str(ds.get("Modality", "") or "")
+    if modality and modality != "CT":
+        raise CTInputError(f"{path}: Modality is {modality!r}, not CT; this model reads Hounsfield units")
+    if arr.ndim != 2:
+        raise CTInputError(f"{path}: expected one grey 2D slice, got pixel array shape {arr.shape} "
+                           "(multi-frame or colour DICOM)")
+    return np.ascontiguousarray(arr.T)
+
+
+class LoadCTImage(Transform):
+    """Load one CT slice from a DICOM file or an image file as a ``(1, X, Y)`` float32 MetaTensor.
+
+    * ``prewindowed=False`` (HU models): a DICOM file gives HU (RescaleSlope/Intercept applied); an image file
+      is refused with :class:`CTInputError` because a picture holds no HU.
+    * ``prewindowed=True`` (models trained on pre-windowed pictures): an image gives its grey value in [0, 255]
+      (:func:`load_prewindowed_2d`); a DICOM file is rendered with ``dicom_window`` to [0, 255]
+      (:func:`hu_to_8bit`), an approximation since the picture set's own window is unknown.
+
+    Args:
+        prewindowed: see above.
+        dicom_window: CT window used to render DICOM input for a pre-windowed model.
+
+    Raises:
+        ValueError: unknown ``dicom_window``.
+    """
+
+    def __init__(self, prewindowed: bool = False, dicom_window: str | Sequence[float] = "brain") -> None:
+        from transforms.ct import PREWINDOWED, resolve_window
+
+        if resolve_window(dicom_window) == PREWINDOWED:
+            raise ValueError("dicom_window must be an HU window, not 'prewindowed'")
+        self.prewindowed = bool(prewindowed)
+        self.dicom_window = dicom_window
+
+    def __call__(self, path: str | os.PathLike) -> MetaTensor:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"CT input not found: {path}")
+        if is_dicom_file(path):
+            arr = _read_dicom_hu(path)
+            if self.prewindowed:
+                arr = hu_to_8bit(arr, self.dicom_window)
+        elif self.prewindowed:
+            arr = load_prewindowed_2d(path)
+        else:
+            raise CTInputError(
+                f"{path}: not a DICOM file; this model was trained on Hounsfield units (window_preset 'multi') and "
+                "a picture holds no HU. Give a CT DICOM file or series, or use a model trained with "
+                "window_preset 'prewindowed'"
+            )
+        return MetaTensor(torch.from_numpy(arr)[None], meta={"filename_or_obj": str(path), "spatial_shape": arr.shape})
+
+
+class LoadCTImaged(MapTransform):
+    """Dictionary twin of :class:`LoadCTImage`.
+
+    Args:
+        keys: keys holding file paths.
+        window_preset: ``"multi"`` (HU) or ``"prewindowed"``.
+        dicom_window: see :class:`LoadCTImage`.
+        allow_missing_keys: do not raise when a key is missing.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        window_preset: str = "multi",
+        dicom_window: str | Sequence[float] = "brain",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        window_channels(window_preset)
+        self.loader = LoadCTImage(prewindowed=window_preset == "prewindowed", dicom_window=dicom_window)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.loader(d[key])
+        return d
+
+
+# ------------------------------------------------------------------------------------------------ data lists
+
+
+def _read_labels(path: Path) -> pd.DataFrame:
+    try:
+        df = pd.read_csv(path, skipinitialspace=True)
+    except Exception as err:  # pandas raises many kinds
+        raise ManifestError(f"{path}: not a readable CSV ({err})") from err
+    df.columns = [str(c).strip() for c in df.columns]
+    return df
+
+
+def detect_format(dataset_dir: str | os.PathLike) -> str:
+    """``"phantom_dicom"`` or ``"png_labels"`` from the columns of ``dataset_dir/labels.csv``.
+
+    Raises:
+        ManifestError: missing folder or labels.csv, or columns of neither layout.
+    """
+    root = Path(dataset_dir)
+    labels = root / "labels.csv"
+    if not root.is_dir():
+        raise ManifestError(f"dataset_dir not found or not a folder: {root}")
+    if not labels.is_file():
+        raise ManifestError(f"{root}: no labels.csv (expected the head-CT phantom or the head_ct PNG layout)")
+    cols = set(_read_labels(labels).columns)
+    if {"subject_id", "file", "label", "study_label"} <= cols:
+        return "phantom_dicom"
+    if {"id", "hemorrhage"} <= cols:
+        return "png_labels"
+    raise ManifestError(f"{labels}: columns {sorted(cols)} match neither the phantom layout (subject_id, file, "
+                        "label, study_label, ...) nor the PNG layout (id, hemorrhage)")
+
+
+def _binary_class_names(class_names: Sequence[str]) -> list[str]:
+    names = [str(c) for c in class_names]
+    if len(names) != 2:
+        raise ManifestError(f"head-CT labels are binary (0 = {names[:1]}, 1 = positive); got class_names {names}")
+    return names
+
+
+def dicom_slice_manifest(dataset_dir: str | os.PathLike, class_names: Sequence[str]) -> pd.DataFrame:
+    """Per-slice manifest of a head-CT phantom folder.
+
+    Returns:
+        Columns ``subject_id, session_id, image`` (absolute path of the slice's DICOM file), ``label`` (class
+        name of the slice label), ``split`` (empty), ``slice_index``, ``study_id``, ``study_label`` (class name).
+
+    Raises:
+        ManifestError: missing columns or labels other than 0/1.
+    """
+    names = _binary_class_names(class_names)
+    root = Path(dataset_dir).resolve()
+    table = _read_labels(root / "labels.csv")
+    need = {"subject_id", "session_id", "study_id", "file", "slice_index", "label", "study_label"}
+    if not need <= set(table.columns):
+        raise ManifestError(f"{root / 'labels.csv'}: missing column(s) {sorted(need - set(table.columns))}")
+    for col in ("label", "study_label"):
+        bad = ~table[col].isin((0, 1))
+        if bad.any():
+            raise ManifestError(f"{root / 'labels.csv'}: column {col!r} must be 0/1, row {int(bad.idxmax())} is "
+                                f"{table[col][bad].iloc[0]!r}")
+    return pd.DataFrame({
+        "subject_id": table["subject_id"].astype(str),
+        "session_id": table["session_id"].astype(str),
+        "image": [str(root / f) for f in table["file"]],
+        "label": [names[int(v)] for v in table["label"]],
+        "split": "",
+        "slice_index": table["slice_index"].astype(int),
+        "study_id": table["study_id"].astype(str),
+        "study_label": [names[int(v)] for v in table["study_label"]],
+    })
+
+
+def png_manifest(dataset_dir: str | os.PathLike, class_names: Sequence[str], group_size: int = 5) -> pd.DataFrame:
+    """Manifest of the pre-windowed PNG set (``head_ct/NNN.png`` + ``labels.csv`` with ``id, hemorrhage``).
+
+    No patient ids are given; ids ``group_size * g .. group_size * g + group_size - 1`` form pseudo-subject
+    ``grp-g`` so runs of consecutive slices of one patient stay in one split (a patient may still straddle two
+    groups: the split reduces leakage, it cannot rule it out).
+
+    Returns:
+        Columns ``subject_id`` (pseudo), ``session_id``, ``image`` (absolute path), ``label`` (class name),
+        ``split`` (empty), ``slice_index`` (-1), ``study_id``, ``study_label``, ``source_id``.
+
+    Raises:
+        ManifestError: bad ``group_size``, labels other than 0/1, duplicate ids, or a labelled image missing.
+    """
+    names = _binary_class_names(class_names)
+    if isinstance(group_size, bool) or int(group_size) != group_size or group_size < 1:
+        raise ManifestError(f"group_size must be an integer >= 1, got {group_size!r}")
+    root = Path(dataset_dir).resolve()
+    table = _read_labels(root / "labels.csv")
+    if not {"id", "hemorrhage"} <= set(table.columns):
+        raise ManifestError(f"{root / 'labels.csv'}: expected columns id, hemorrhage; got {list(table.columns)}")
+    bad = ~table["hemorrhage"].isin((0, 1))
+    if bad.any():
+        raise ManifestError(f"{root / 'labels.csv'}: hemorrhage must be 0/1, row {int(bad.idxmax())} is "
+                            f"{table['hemorrhage'][bad].iloc[0]!r}")
+    ids = table["id"].astype(int)
+    if ids.duplicated().any():
+        raise ManifestError(f"{root / 'labels.csv'}: duplicate id(s) {sorted(set(ids[ids.duplicated()]))[:5]}")
+    images = [root / "head_ct" / f"{i:03d}.png" for i in ids]
+    missing = [p for p in images if not p.is_file()]
+    if missing:
+        raise ManifestError(f"{root / 'labels.csv'} lists {len(missing)} image(s) that do not exist, e.g. {missing[0]}")
+    groups = [f"grp-{i // int(group_size):03d}" for i in ids]
+    labels = [names[int(v)] for v in table["hemorrhage"]]
+    return pd.DataFrame({
+        "subject_id": groups,
+        "session_id": "ses-01",
+        "image": [str(p) for p in images],
+        "label": labels,
+        "split": "",
+        "slice_index": -1,
+        "study_id": groups,
+        "study_label": labels,
+        "source_id": ids.to_numpy(),
+    })
+
+
+def _assign_splits(
+    df: pd.DataFrame, positive: str, val_fraction: float, test_fraction: float, seed: int, num_folds: int, fold: int
+) -> pd.DataFrame:
+    """Fill ``split`` per subject, stratified by the subject's study label (positive if any study is)."""
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ManifestError(f"bad split fractions val={val_fraction} test={test_fraction}")
+    if num_folds and (int(num_folds) != num_folds or num_folds < 2 or not 0 <= fold < num_folds):
+        raise ManifestError(f"num_folds must be 0 or an integer >= 2 with 0 <= fold < num_folds; got {num_folds}, {fold}")
+    # a subject with a positive study counts as positive: it holds the finding
+    subjects = df.groupby("subject_id")["study_label"].agg(lambda s: positive if (s == positive).any() else s.iloc[0])
+    subjects = subjects.sort_index()
+    order_rng = np.random.default_rng(seed)
+    val_rng = np.random.default_rng([seed, int(fold), 1])
+    split: dict[str, str] = {}
+    for _label, group in subjects.groupby(subjects):
+        ids = order_rng.permutation(np.array(sorted(group.index)))
+        n = len(ids)
+        if num_folds:
+            test = {s for i, s in enumerate(ids) if i % num_folds == fold}
+        else:
+            n_test = int(round(n * test_fraction))
+            n_test = max(n_test, 1 if test_fraction > 0 and n >= 3 else 0)
+            test = set(ids[:n_test])
+        rest = [s for s in ids if s not in test]
+        n_val = int(round(n * val_fraction))
+        n_val = min(max(n_val, 1 if val_fraction > 0 and len(rest) >= 2 else 0), max(len(rest) - 1, 0))
+        val = set(val_rng.permutation(np.array(rest, dtype=object))[:n_val]) if n_val else set()
+        for s in ids:
+            split[s] = "test" if s in test else "val" if s in val else "train"
+    out = df.copy()
+    out["split"] = out["subject_id"].map(split)
+    return out
+
+
+def prepare_ct_data(
+    class_names: Sequence[str],
+    dataset_dir: str | os.PathLike | None = None,
+    manifest: str | os.PathLike | None = None,
+    output_dir: str | os.PathLike | None = None,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    seed: int = 0,
+    num_folds: int = 0,
+    fold: int = 0,
+    group_size: int = 5,
+    max_per_split: int | None = None,
+) -> dict:
+    """Train/val/test lists for the head-CT bundle (see the module docstring for the sources and splits).
+
+    A ``manifest`` (project format; ``image`` may be a DICOM slice file or a picture) is passed to
+    :func:`pipelines.training.data.prepare_data` unchanged. Otherwise the data set in ``dataset_dir`` is turned
+    into a manifest, split here, written to ``output_dir/data/source_manifest.csv`` and handed to ``prepare_data``,
+    which checks it and writes ``manifest.csv`` and ``split.json`` (whose ``params`` are then replaced by the ones
+    used here).
+
+    Args:
+        class_names: ``[negative, positive]``.
+        dataset_dir: the phantom folder or the PNG set folder.
+        manifest: a manifest CSV (takes precedence).
+        output_dir: where ``data/`` is written; a temporary folder is used when None.
+        val_fraction: fraction of each label's subjects used for validation.
+        test_fraction: fraction of each label's subjects held out for test (ignored with ``num_folds``).
+        seed: split seed; folds of one seed partition the subjects.
+        num_folds: 0 for a hold-out split, k >= 2 for fold ``fold`` of a stratified k-fold as test split.
+        fold: test fold, 0 <= fold < num_folds.
+        group_size: consecutive PNG ids per pseudo-subject.
+        max_per_split: keep at most this many samples a split (stratified; for smoke tests).
+
+    Returns:
+        The dict of :func:`prepare_data` (``train``/``val``/``test`` record lists, ``digest``, ``counts``,
+        ``manifest``) plus ``format``; records also carry ``subject_id``, ``session_id``, ``slice_index``.
+
+    Raises:
+        ManifestError: no source, bad layout, bad fractions/folds, missing files, an empty train or val split.
+    """
+    from pipelines.training.data import prepare_data
+
+    common = {"class_names": class_names, "seed": seed, "max_per_split": max_per_split}
+    if manifest:
+        data = prepare_data(manifest=manifest, output_dir=output_dir, val_fraction=val_fraction,
+                            test_fraction=test_fraction, **common)
+        data["format"] = "manifest"
+        return data
+    if not dataset_dir:
+        raise ManifestError("no data: set dataset_dir (the head-CT phantom or the PNG set) or manifest (a CSV)")
+    fmt = detect_format(dataset_dir)
+    df = dicom_slice_manifest(dataset_dir, class_names) if fmt == "phantom_dicom" else \
+        png_manifest(dataset_dir, class_names, group_size)
+    df = _assign_splits(df, str(class_names[1]), val_fraction, test_fraction, seed, int(num_folds or 0), int(fold))
+    params = {
+        "method": "subject-level, stratified by study label" + (f", {num_folds}-fold" if num_folds else ", hold-out"),
+        "format": fmt, "val_fraction": val_fraction, "test_fraction": None if num_folds else test_fraction,
+        "num_folds": int(num_folds or 0), "fold": int(fold) if num_folds else None, "seed": seed,
+        "group_size": int(group_size) if fmt == "png_labels" else None, "source": Path(dataset_dir).name,
+    }
+    tmp = None
+    if output_dir is None:
+        tmp = tempfile.mkdtemp(prefix="ct-data-")
+        data_dir = Path(tmp)
+    else:
+        data_dir = Path(output_dir) / "data"
+        data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        source = data_dir / "source_manifest.csv"
+        df.to_csv(source, index=False)
+        # every row carries its split already: prepare_data must not move subjects (zero fractions)
+        data = prepare_data(manifest=source, output_dir=output_dir, val_fraction=0.0, test_fraction=0.0, **common)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if output_dir is not None:
+        split_json = data_dir / "split.json"
+        info = json.loads(split_json.read_text())
+        info["params"] = params
+        partial = data_dir / f".split.json.tmp-{os.getpid()}"
+        partial.write_text(json.dumps(info, indent=2))
+        os.replace(partial, split_json)
+    data["format"] = fmt
+    return data
+
+
+# ------------------------------------------------------------------------------------------------ phantom default
+
+
+def _cache_root() -> Path:
+    from pipelines.phantoms.alzheimer import cache_root
+
+    return cache_root()
+
+
+def default_dataset(name: str = "head_ct", seed: int = 0, **kwargs: Any) -> str:
+    """Path of the head-CT phantom data set, generated on first use into the cache (``$NEURO_MONAI_CACHE``).
+
+    Args:
+        name: ``"head_ct"`` (24 studies x 24 slices of 128x128, about 10 s to generate) or ``"head_ct-tiny"``
+            (6 studies x 8 slices of 64x64: for tests).
+        seed: generator seed.
+        kwargs: passed to :func:`pipelines.phantoms.head_ct.make_head_ct_dataset` (part of the cache key).
+
+    Returns:
+        The folder (str) holding one DICOM series folder per study and ``labels.csv``.
+
+    Raises:
+        ValueError: unknown name.
+    """
+    from pipelines.phantoms.head_ct import GENERATOR_VERSION, make_head_ct_dataset
+
+    if name not in _PHANTOM_PRESETS:
+        raise ValueError(f"unknown head-CT phantom {name!r}; choose one of {sorted(_PHANTOM_PRESETS)}")
+    params = {**_PHANTOM_PRESETS[name], **kwargs}
+    suffix = "-" + hashlib.sha1(repr(sorted(kwargs.items())).encode()).hexdigest()[:8] if kwargs else ""
+    folder = _cache_root() / "phantoms" / f"{name}-v{GENERATOR_VERSION}-seed{seed}{suffix}"
+    if (folder / "labels.csv").is_file():
+        return str(folder)
+    logger.info("generating the %s phantom into %s (first use)", name, folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder.parent))
+    try:
+        make_head_ct_dataset(tmp, seed=seed, **params)
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            # another process finished first; its rename was atomic, so its folder is complete
+            if not (folder / "labels.csv").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(folder)
+
+
+def example_series(kind: str = "iph", seed: int = 0, slices: int = 24, size: int = 128) -> str:
+    """A held-out phantom study (one DICOM series folder), generated on first use; never part of a data set.
+
+    Args:
+        kind: ``"iph"``, ``"sdh"`` or ``"none"``.
+        seed: volume seed (the data sets draw theirs from other streams).
+        slices, size: series shape.
+
+    Returns:
+        The series folder (str).
+    """
+    from pipelines.phantoms.head_ct import GENERATOR_VERSION, make_head_ct_volume, write_dicom_series
+
+    folder = _cache_root() / "phantoms" / f"head_ct-example-v{GENERATOR_VERSION}-{kind}-seed{seed}-{slices}x{size}"
+    if folder.is_dir() and any(folder.glob("*.dcm")):
+        return str(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".head_ct-example-", dir=folder.parent))
+    try:
+        hu, _, _ = make_head_ct_volume(10_000 + seed, (slices, size, size), kind)
+        write_dicom_series(hu, tmp, patient_id="PHANTOM-9001", seed=10_000 + seed)
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if not any(folder.glob("*.dcm")):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(folder)

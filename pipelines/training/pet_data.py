@@ -1,0 +1,417 @@
+"""PET DICOM series trees -> manifests with one SUV factor per series, subject-level k-fold splits, data lists.
+
+A PET data set here is a folder of DICOM series plus a participants table, the layout that
+:func:`pipelines.phantoms.amyloid_pet.make_amyloid_dataset` writes::
+
+    <root>/participants.csv                     subject_id, session_id, diagnosis (class name) [, series_dir]
+    <root>/sub-001/ses-01/pet/IM0001.dcm ...    one series a row (``series_dir`` relative to <root>;
+                                                default ``<subject_id>/<session_id>/pet``)
+
+:func:`build_pet_manifest` reads every series header once and stores the body-weight SUV factor of the series
+(:func:`pipelines.io.suv.series_suv_factor`, QIBA) in a ``suv_factor`` column, so the transform chain only
+multiplies (``transforms.pet.SUVScaled`` reads ``suv_factor`` from the sample). Nothing in the manifest is taken
+from a voxel: the factor comes from the header of the series alone.
+
+:func:`kfold_split` assigns ``test`` to one fold of a subject-level ``StratifiedGroupKFold`` (a subject is never
+in two folds) and carves ``val`` out of the remaining subjects; :func:`prepare_pet_data` is what the
+``amyloid_pet`` bundle calls from its config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipelines.io.dicom import DicomSeriesError, find_series
+from pipelines.io.suv import SUVError, series_suv_factor
+from pipelines.manifests.schema import ManifestError, manifest_digest, read_manifest, resolve_paths, validate_manifest
+from pipelines.manifests.split import split_counts, subject_split, write_split
+from pipelines.phantoms.alzheimer import cache_root
+
+__all__ = [
+    "CLASS_NAMES",
+    "PHANTOM_VERSION",
+    "build_pet_manifest",
+    "default_dataset",
+    "example_series",
+    "kfold_split",
+    "prepare_pet_data",
+]
+
+logger = logging.getLogger(__name__)
+
+CLASS_NAMES = ("negative", "intermediate", "positive")
+#: Part of the phantom cache key: bump when the generator's output changes.
+PHANTOM_VERSION = "1"
+_PRESETS = {
+    # 60 subjects in the 291/78/234 proportions: 29 negative, 8 intermediate, 23 positive.
+    "amyloid_pet": {"n_subjects": 60, "shape": (32, 64, 64)},
+    # 12 subjects (5/2/5), small volumes: for tests.
+    "amyloid_pet-tiny": {"n_subjects": 12, "shape": (20, 32, 32)},
+}
+_PARTICIPANT_FILES = ("participants.csv", "participants.tsv")
+#: Columns :func:`build_pet_manifest` adds next to the project's manifest columns.
+SUV_COLUMNS = ("suv_factor", "suv_units", "suv_method", "decay_correction", "weight_kg", "injected_dose_bq",
+               "decay_time_s", "n_instances")
+
+
+# ------------------------------------------------------------------------------------------------ phantom
+
+
+def default_dataset(name: str = "amyloid_pet", seed: int = 0, **kwargs) -> str:
+    """Path of the embedded amyloid PET phantom, generated into the cache on first use.
+
+    Args:
+        name: ``"amyloid_pet"`` (60 subjects, 32 x 64 x 64 voxels) or ``"amyloid_pet-tiny"`` (12 subjects,
+            20 x 32 x 32; for tests).
+        seed: phantom seed.
+        kwargs: passed to :func:`pipelines.phantoms.amyloid_pet.make_amyloid_dataset` (part of the cache key).
+
+    Returns:
+        The data set folder (str): ``participants.csv`` and ``sub-XXX/ses-01/pet/*.dcm``. The cache is
+        ``$NEURO_MONAI_CACHE/phantoms`` (default ``<repo>/.cache/phantoms``).
+
+    Raises:
+        ValueError: unknown ``name``.
+    """
+    from pipelines.phantoms.amyloid_pet import make_amyloid_dataset
+
+    if name not in _PRESETS:
+        raise ValueError(f"unknown phantom {name!r}; choose one of {sorted(_PRESETS)}")
+    params = {**_PRESETS[name], **kwargs}
+    suffix = ""
+    if kwargs:
+        import hashlib
+
+        suffix = "-" + hashlib.sha1(repr(sorted(kwargs.items())).encode()).hexdigest()[:8]
+    folder = cache_root() / "phantoms" / f"{name}-v{PHANTOM_VERSION}-seed{seed}{suffix}"
+    if (folder / "participants.csv").exists():
+        return str(folder)
+    logger.info("generating the %s phantom into %s (first use)", name, folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # Generate beside the target and rename: a concurrent or interrupted run never sees a half-written set.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        make_amyloid_dataset(tmp, seed=seed, **params)
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if not (folder / "participants.csv").exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another process finished first
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return str(folder)
+
+
+def example_series(name: str = "amyloid_pet", seed: int = 0, index: int = -1) -> str:
+    """Series folder of one phantom subject (default: the last one), e.g. the inference example input."""
+    root = Path(default_dataset(name, seed))
+    table = pd.read_csv(root / "participants.csv", dtype=str)
+    return str(root / table["series_dir"].iloc[index])
+
+
+# ----------------------------------------------------------------------------------------------- manifest
+
+
+def _participants(root: Path, participants: str | os.PathLike | None) -> tuple[pd.DataFrame, Path]:
+    if participants is not None:
+        path = Path(participants)
+        path = path if path.is_absolute() else root / path
+    else:
+        found = [root / n for n in _PARTICIPANT_FILES if (root / n).is_file()]
+        if not found:
+            raise ManifestError(f"{root}: no participants table ({' or '.join(_PARTICIPANT_FILES)})")
+        path = found[0]
+    if not path.is_file():
+        raise ManifestError(f"participants table not found: {path}")
+    sep = "\t" if path.suffix.lower() == ".tsv" else ","
+    try:
+        table = pd.read_csv(path, sep=sep, dtype=str)
+    except Exception as e:  # pandas raises many kinds
+        raise ManifestError(f"participants table {path} is not readable: {e}") from e
+    return table, path
+
+
+def _class_name(value: str, class_names: Sequence[str], where: str) -> str:
+    value = str(value).strip()
+    if value in class_names:
+        return value
+    if value.isdigit() and int(value) < len(class_names):
+        return class_names[int(value)]
+    raise ManifestError(f"{where}: label {value!r} is not one of {list(class_names)} (or their indices)")
+
+
+def build_pet_manifest(
+    dataset_dir: str | os.PathLike,
+    class_names: Sequence[str] = CLASS_NAMES,
+    participants: str | os.PathLike | None = None,
+    label_column: str | None = None,
+) -> pd.DataFrame:
+    """One manifest row per PET series, with the series' body-weight SUV factor computed once from its headers.
+
+    Args:
+        dataset_dir: data set root (holds the participants table and the series folders).
+        class_names: the bundle's classes; labels in the table are class names or their indices.
+        participants: table path (absolute or relative to ``dataset_dir``); default ``participants.csv`` or
+            ``participants.tsv`` in ``dataset_dir``.
+        label_column: column with the class; default ``diagnosis`` when present, else ``label``.
+
+    Returns:
+        The manifest (project format, :mod:`pipelines.manifests.schema`): ``subject_id``, ``session_id``,
+        ``image`` (absolute series folder), ``label`` (class name), ``split`` (empty), plus ``suv_factor``
+        (g/Bq for BQML: ``SUV = rescaled pixel * suv_factor``), ``suv_units``, ``suv_method``,
+        ``decay_correction``, ``weight_kg``, ``injected_dose_bq``, ``decay_time_s``, ``n_instances``.
+
+    Raises:
+        ManifestError: missing folder/table/columns, unknown labels, a series folder that is missing, holds no
+            DICOM or more than one series, or whose SUV factor cannot be computed (the message names the folder
+            and every missing/invalid tag).
+    """
+    root = Path(dataset_dir)
+    if not root.is_dir():
+        raise ManifestError(f"dataset_dir not found or not a folder: {root}")
+    table, table_path = _participants(root, participants)
+    label_column = label_column or ("diagnosis" if "diagnosis" in table.columns else "label")
+    missing = [c for c in ("subject_id", label_column) if c not in table.columns]
+    if missing:
+        raise ManifestError(f"participants table {table_path} lacks column(s) {missing}; has {list(table.columns)}")
+    if len(table) == 0:
+        raise ManifestError(f"participants table {table_path} has no rows")
+    rows = []
+    for i, rec in enumerate(table.to_dict("records")):
+        where = f"{table_path} row {i + 2}"
+        subject = str(rec["subject_id"]).strip()
+        session = str(rec.get("session_id") or "ses-01").strip()
+        series_dir = rec.get("series_dir")
+        folder = root / (series_dir if isinstance(series_dir, str) and series_dir else f"{subject}/{session}/pet")
+        if not folder.is_dir():
+            raise ManifestError(f"{where}: series folder not found: {folder}")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                groups = find_series(folder)
+        except DicomSeriesError as e:
+            raise ManifestError(f"{where}: {e}") from e
+        if len(groups) != 1:
+            raise ManifestError(
+                f"{where}: {folder} holds {len(groups)} DICOM series; put one series in each folder"
+            )
+        files = next(iter(groups.values()))
+        try:
+            suv = series_suv_factor(files)
+        except SUVError as e:
+            raise ManifestError(f"{where}: {e}") from e
+        rows.append({
+            "subject_id": subject,
+            "session_id": session,
+            "image": str(folder.resolve()),
+            "label": _class_name(rec[label_column], class_names, where),
+            "split": "",
+            "suv_factor": suv.factor,
+            "suv_units": suv.units,
+            "suv_method": suv.method,
+            "decay_correction": suv.decay_correction,
+            "weight_kg": suv.weight_kg,
+            "injected_dose_bq": suv.injected_dose_bq,
+            "decay_time_s": suv.decay_time_s,
+            "n_instances": len(files),
+        })
+    df = pd.DataFrame(rows)
+    df.attrs["source"] = str(table_path)
+    return validate_manifest(df, class_names=class_names, check_files=True)
+
+
+# ---------------------------------------------------------------------------------------------------- splits
+
+
+def kfold_split(
+    df: pd.DataFrame, fold: int = 0, num_folds: int = 5, seed: int = 0, val_fraction: float = 0.15
+) -> pd.DataFrame:
+    """Assign ``split`` by subject: fold ``fold`` of ``num_folds`` is ``test``, ``val`` is drawn from the rest.
+
+    The folds are :func:`pipelines.manifests.kfold.subject_kfold` (scikit-learn ``StratifiedGroupKFold`` with
+    ``groups = subject_id``, ``shuffle=True, random_state=seed``; stratified on label, plus age bin and sex when
+    the manifest has them), so every subject is in exactly one test fold across ``fold = 0 .. num_folds - 1``:
+    the test predictions of the k runs together cover every subject once (out-of-fold evaluation, no subject
+    used for both checkpoint selection and testing). ``val`` is ``val_fraction`` of the remaining subjects
+    (:func:`pipelines.manifests.kfold.stratified_subject_split`, same ``seed``); the others are ``train``.
+    Existing ``split`` values are replaced.
+
+    Args:
+        df: manifest (``subject_id``, ``label`` ...).
+        fold: test fold, ``0 <= fold < num_folds``.
+        num_folds: number of folds, ``2 <= num_folds <= number of subjects``.
+        seed: fold and validation seed.
+        val_fraction: fraction of the non-test subjects used for validation, in [0, 1).
+
+    Returns:
+        A copy (same row order and index) with ``split`` and ``fold`` set and ``attrs["split_params"]``
+        recording method, fold, folds, seed and fraction.
+
+    Raises:
+        ManifestError: bad ``fold``/``num_folds``/``val_fraction``, fewer subjects than folds.
+        LeakageError: a subject in two splits (cannot happen unless the fold assignment is broken).
+    """
+    from pipelines.manifests.audit import assert_no_subject_overlap
+    from pipelines.manifests.kfold import stratified_subject_split, subject_kfold
+
+    if isinstance(num_folds, bool) or int(num_folds) != num_folds or num_folds < 2:
+        raise ManifestError(f"num_folds must be an integer >= 2, got {num_folds!r}")
+    if isinstance(fold, bool) or int(fold) != fold or not 0 <= fold < num_folds:
+        raise ManifestError(f"fold must be an integer in [0, {int(num_folds) - 1}], got {fold!r}")
+    if not 0.0 <= float(val_fraction) < 1.0:
+        raise ManifestError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    folded = subject_kfold(df.assign(split=""), n_splits=int(num_folds), seed=int(seed), test_fraction=0.0)
+    is_test = (folded["fold"] == int(fold)).to_numpy(dtype=bool)
+    split = np.where(is_test, "test", "").astype(object)
+    rest = stratified_subject_split(folded[~is_test].assign(split=""), val_fraction=float(val_fraction),
+                                    test_fraction=0.0, seed=int(seed))
+    split[~is_test] = rest["split"].to_numpy()
+    out = df.copy()
+    out.attrs.update(df.attrs)
+    out["split"] = split
+    out["fold"] = folded["fold"].to_numpy()
+    assert_no_subject_overlap(out)
+    out.attrs["split_params"] = {
+        "method": "k-fold by subject: test = fold (pipelines.manifests.kfold.subject_kfold, StratifiedGroupKFold), "
+                  "val = stratified subject split of the other folds",
+        "fold": int(fold),
+        "num_folds": int(num_folds),
+        "seed": int(seed),
+        "val_fraction": float(val_fraction),
+        "stratified_on": folded.attrs.get("split_params", {}).get("stratified_on"),
+    }
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ data lists
+
+
+def _records(df: pd.DataFrame, class_names: Sequence[str]) -> list[dict]:
+    index = {c: i for i, c in enumerate(class_names)}
+    return [
+        {
+            "image": row.image,
+            "label": index[row.label],
+            "subject_id": row.subject_id,
+            "session_id": row.session_id,
+            "suv_factor": float(row.suv_factor),
+        }
+        for row in df.itertuples(index=False)
+    ]
+
+
+def prepare_pet_data(
+    class_names: Sequence[str] = CLASS_NAMES,
+    dataset_dir: str | os.PathLike | None = None,
+    manifest: str | os.PathLike | None = None,
+    output_dir: str | os.PathLike | None = None,
+    fold: int = 0,
+    num_folds: int = 5,
+    val_fraction: float = 0.15,
+    seed: int = 0,
+) -> dict:
+    """Train/val/test data lists of PET series for one k-fold split, checked before training starts.
+
+    Exactly one source is used: ``manifest`` (a CSV made by :func:`build_pet_manifest`, or by hand with at least
+    the project columns; a missing ``suv_factor`` column is computed from the series headers) if given, else
+    ``dataset_dir`` (a PET series tree with a participants table). The split is :func:`kfold_split`; the
+    manifest with its splits and ``split.json`` go to ``output_dir/data`` so every run records what it used.
+
+    Args:
+        class_names: the bundle's classes, in output-channel order.
+        dataset_dir: PET series tree (see the module docstring).
+        manifest: manifest CSV (takes precedence over ``dataset_dir``).
+        output_dir: where the resolved manifest is written (skipped when None).
+        fold, num_folds, val_fraction, seed: see :func:`kfold_split`.
+
+    Returns:
+        ``{"train", "val", "test": [...], "digest": str, "counts": dict, "manifest": DataFrame}``; list items are
+        ``{"image": series folder, "label": int, "subject_id", "session_id", "suv_factor": float}``.
+
+    Raises:
+        ManifestError: no source, unreadable table, missing series, an SUV factor that cannot be computed,
+            bad split parameters, or an empty train or val split.
+    """
+    if manifest:
+        df = resolve_paths(read_manifest(manifest))
+        if "suv_factor" not in df.columns or df["suv_factor"].isna().any():
+            factors = []
+            for folder, given in zip(df["image"], df.get("suv_factor", pd.Series([np.nan] * len(df)))):
+                if pd.notna(given):
+                    factors.append(float(given))
+                    continue
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        factors.append(series_suv_factor(next(iter(find_series(folder).values()))).factor)
+                except (DicomSeriesError, SUVError) as e:
+                    raise ManifestError(f"manifest {manifest}: {e}") from e
+            df["suv_factor"] = factors
+        df = validate_manifest(df, class_names=class_names, check_files=True)
+        source = f"manifest {manifest}"
+    elif dataset_dir:
+        df = build_pet_manifest(dataset_dir, class_names)
+        source = f"dataset_dir {dataset_dir}"
+    else:
+        raise ManifestError("no data: set dataset_dir (a PET DICOM series tree) or manifest (a CSV)")
+    bad = ~np.isfinite(df["suv_factor"].astype(float)) | (df["suv_factor"].astype(float) <= 0)
+    if bad.any():
+        raise ManifestError(f"{source}: suv_factor must be finite and > 0; bad in {df.loc[bad, 'image'].iloc[0]}")
+    df = kfold_split(df, fold=fold, num_folds=num_folds, seed=seed, val_fraction=val_fraction)
+    for split in ("train", "val"):
+        if not (df["split"] == split).any():
+            raise ManifestError(f"{source}: the {split} split of fold {fold} is empty (too few subjects?)")
+    if output_dir is not None:
+        name = Path(str(manifest or dataset_dir)).name
+        write_split(df, Path(output_dir) / "data", overwrite=True, source=name)
+    counts = split_counts(df)
+    for split, c in counts.items():
+        logger.info("%s: %d series, %d subjects, %s", split, c["images"], c["subjects"], c["images_per_label"])
+    out = {s: _records(df[df["split"] == s], class_names) for s in ("train", "val", "test")}
+    out.update({"digest": manifest_digest(df), "counts": counts, "manifest": df})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------- CLI
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m pipelines.training.pet_data DATASET_DIR OUT.csv [--fold F --num_folds K --seed S]``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.training.pet_data",
+        description="Build a PET manifest (one row per DICOM series, with its QIBA SUVbw factor).",
+    )
+    parser.add_argument("dataset_dir", help="series tree with participants.csv (use 'phantom' for the default)")
+    parser.add_argument("out_csv", help="manifest CSV to write (refuses to overwrite)")
+    parser.add_argument("--classes", nargs="+", default=list(CLASS_NAMES))
+    parser.add_argument("--num_folds", type=int, default=0, help="also assign a k-fold split (0: leave split empty)")
+    parser.add_argument("--fold", type=int, default=0)
+    parser.add_argument("--val_fraction", type=float, default=0.15)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    root = default_dataset() if args.dataset_dir == "phantom" else args.dataset_dir
+    df = build_pet_manifest(root, args.classes)
+    if args.num_folds:
+        df = kfold_split(df, fold=args.fold, num_folds=args.num_folds, seed=args.seed, val_fraction=args.val_fraction)
+    from pipelines.manifests.schema import write_manifest
+
+    path = write_manifest(df, args.out_csv)
+    print(f"{path}: {len(df)} series, {df['subject_id'].nunique()} subjects, "
+          f"suv_factor {df['suv_factor'].min():.4g} .. {df['suv_factor'].max():.4g} g/Bq")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
