@@ -359,8 +359,9 @@ def comparison_markdown(
     """Markdown report of :func:`comparison_table`: ``value [low, high]`` cells, the best value of each metric
     in bold, and which model is best by each metric."""
     level = f"{ci_level:g}% CI" if ci_level else "CI"
-    header = ["model", *differing, *(f"{METRIC_LABELS.get(m, m)} [{level}]" for m in metrics), "wall time"]
     has_train = "train_wall_time_s" in table.columns
+    header = ["model", *differing, *(f"{METRIC_LABELS.get(m, m)} [{level}]" for m in metrics),
+              "eval time" if has_train else "wall time"]
     if has_train:
         header += ["train time", "epochs"]
     header.append("run")
@@ -394,8 +395,8 @@ def comparison_markdown(
         lines.append("")
     lines.append("Bold: the highest point estimate of each metric; overlapping CIs mean the difference is not "
                  "resolved by this test set. Sensitivity (macro) is the mean per-class recall "
-                 "(= balanced accuracy); specificity (macro) the mean one-vs-rest specificity. Wall time: run end - "
-                 "start.")
+                 "(= balanced accuracy); specificity (macro) the mean one-vs-rest specificity. Times: run end - "
+                 "start; epochs: epochs trained (early stopping may end training before the configured number).")
     return "\n".join(lines) + "\n"
 
 

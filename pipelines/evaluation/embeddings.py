@@ -450,7 +450,7 @@ class EmbeddingHandler:
         output = engine.state.output
         items = output if isinstance(output, (list, tuple)) else [output]
         feats = self.hook.pop().numpy()
-        preds, labels, subjects = [], [], []
+        preds, labels = [], []
         for item in items:
             pred = _to_numpy(item[self.pred_key]).astype(np.float64)
             label = _to_numpy(item[self.label_key])
@@ -458,10 +458,11 @@ class EmbeddingHandler:
                 pred, label = pred[None], label.reshape(1, -1)
             preds.append(pred.reshape(pred.shape[0], -1))
             labels.append(labels_to_indices(label, len(self.class_names)))
-            sid = item.get(self.subject_key) if isinstance(item, Mapping) else None
-            sids = list(sid) if isinstance(sid, (list, tuple)) else [sid] * len(pred)
-            subjects.extend(str(s) for s in sids)
         preds_arr = np.concatenate(preds)
+        subjects = _subject_ids(getattr(engine.state, "batch", None), self.subject_key, len(preds_arr))
+        if subjects is None:  # no ids: every sample is its own subject (subject level = sample level)
+            start = len(self._subjects)
+            subjects = [f"sample-{start + i}" for i in range(len(preds_arr))]
         if len(feats) != len(preds_arr):
             raise ValueError(f"embedding layer {self.hook.layer!r} gave {len(feats)} feature rows for "
                              f"{len(preds_arr)} predictions in one iteration")
@@ -538,6 +539,21 @@ class EmbeddingHandler:
             client.log_artifact(run_id, str(path), artifact_path="subject_level" if key.startswith("subject_")
                                 else "embeddings")
         self.mlflow_run_id = run_id
+
+
+def _subject_ids(batch: Any, key: str, n: int) -> list[str] | None:
+    """Subject id of each of the ``n`` samples of an engine batch (decollated list of dicts, or one collated
+    dict); None when the batch does not carry them."""
+    if isinstance(batch, (list, tuple)):
+        ids = [item.get(key) if isinstance(item, Mapping) else None for item in batch]
+    elif isinstance(batch, Mapping) and key in batch:
+        value = batch[key]
+        ids = list(value) if isinstance(value, (list, tuple)) else [value] * n
+    else:
+        ids = []
+    if len(ids) != n or any(i is None for i in ids):
+        return None
+    return [str(i) for i in ids]
 
 
 def _per_subject(feats: np.ndarray, preds: np.ndarray, labels: np.ndarray,

@@ -337,7 +337,9 @@ def evaluate_studies(
         out["study"][method] = evaluate_predictions(agg["label"].to_numpy(), agg[cols].to_numpy(), names, **kw)
         if method == "weighted":
             out["n_weighted_fallback"] = int(agg["fallback"].sum())
-        studies.append(agg.drop(columns="fallback").assign(aggregation=method))
+        studies.append(agg.drop(columns="fallback").assign(
+            aggregation=method, true_class=[names[k] for k in agg["label"]],
+            predicted_class=[names[k] for k in agg["predicted"]]))
     out["studies"] = pd.concat(studies, ignore_index=True) if studies else pd.DataFrame()
     return out
 

@@ -133,12 +133,18 @@ def stratified_subject_split(
     """Train/val/test per subject, stratified on label (+ age bin + sex when present).
 
     :func:`pipelines.manifests.split.subject_split` run on the combined keys: rows that already have a split
-    keep it, a subject never lands in two splits. A stratum needs about ``1 / fraction`` subjects to give
-    one subject to the smallest split, so smaller strata fall back to the label key.
+    keep it, a subject never lands in two splits. A combined stratum needs about ``1 / test_fraction +
+    (1 - test_fraction) / val_fraction`` subjects to give test and val one subject each in proportion; smaller
+    strata fall back to the label key.
     """
     out = _check(df)
-    fractions = [f for f in (val_fraction, test_fraction) if f > 0]
-    min_stratum = math.ceil(1.0 / min(fractions)) if fractions else 1
+    # A stratum must yield about one subject to each split drawn from it; smaller ones would be rounded up to one
+    # subject each (subject_split's "at least one when >= 2") and inflate val/test, so they use the label key.
+    min_stratum = 1
+    if test_fraction > 0:
+        min_stratum += math.ceil(1.0 / test_fraction)
+    if val_fraction > 0:
+        min_stratum += math.ceil((1.0 - test_fraction) / val_fraction)
     keys, info = stratification_keys(out, min_stratum=min_stratum, age_bins=age_bins)
     labels = out["label"]
     split = subject_split(out.assign(label=out["subject_id"].map(keys)), val_fraction, test_fraction, seed)

@@ -45,6 +45,7 @@ __all__ = [
     "example_series",
     "kfold_split",
     "prepare_pet_data",
+    "reject_2d_image",
 ]
 
 logger = logging.getLogger(__name__)
@@ -119,6 +120,20 @@ def example_series(name: str = "amyloid_pet", seed: int = 0, index: int = -1) ->
     root = Path(default_dataset(name, seed))
     table = pd.read_csv(root / "participants.csv", dtype=str)
     return str(root / table["series_dir"].iloc[index])
+
+
+def reject_2d_image(data: dict) -> dict:
+    """``image_transform`` of the amyloid PET predictor: 2D images carry no SUV/SUVR scale, so they are refused.
+
+    Raises:
+        ValueError (``pipelines.inference.predict.InputError``): always, naming the file.
+    """
+    from pipelines.inference.predict import InputError
+
+    raise InputError(
+        f"{data.get('image')}: 2D images are not supported by the amyloid PET bundle (no quantitative scale); "
+        "give a PET DICOM series folder or a NIfTI volume"
+    )
 
 
 # ----------------------------------------------------------------------------------------------- manifest

@@ -209,3 +209,16 @@ def test_training_and_inference_share_network_and_preprocessing():
     for key in ("class_names", "image_size", "cnn_block", "cnn_layers", "cnn_inplanes", "hidden_size", "num_layers",
                 "num_heads", "mlp_dim", "dropout"):
         assert train.get(key) == infer.get(key), key
+
+
+def test_tracking_flag_logs_into_the_same_single_run(tmp_path):
+    env = bundle_env(tmp_path)
+    run_monai_bundle(
+        "run", "--config_file", f"{CFG}/train.json", *TINY_DATA, *TINY, "--epochs", "1", "--tracking", "mlflow",
+        "--output_dir", str(tmp_path / "o"), "--ckpt_dir", str(tmp_path / "m"), env=env,
+    )
+    client = _client(env)
+    runs = client.search_runs([client.get_experiment_by_name("alz_hybrid").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    history = client.get_metric_history(runs[0].info.run_id, "val_macro_f1")
+    assert len(history) == 1  # logged once, not once per handler

@@ -181,7 +181,7 @@ def test_trainer_loss_uses_teacher_logits_of_the_batch_images():
     loss = DistillationLoss(teacher, mode="hard", alpha=0.5)
     trainer = DistillationTrainer(
         device="cpu", max_epochs=1, train_data_loader=loader, network=student,
-        optimizer=torch.optim.SGD(student.parameters(), lr=0.0), loss_function=loss,
+        optimizer=torch.optim.SGD(student.parameters(), lr=0.0), loss_function=loss, decollate=False,
     )
     teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
     trainer.run()
