@@ -2,10 +2,11 @@
 
 :class:`StudyClassifier` is the logic of the deploy apps' classifier operator, without the MONAI Deploy SDK: it
 loads ``model.ts`` (made by ``python -m monai.bundle ckpt_export``), reads the bundle's inference config with
-``monai.bundle.ConfigParser`` to get the preprocessing (``volume_preprocessing`` for 3D series, ``preprocessing``
-for 2D pictures), the class names and the study aggregation, and wraps them in
-:class:`pipelines.inference.predict.ClassificationPredictor`, so the slices are made and normalised exactly as
-the bundle's own ``inference.json`` run makes them. Nothing of the preprocessing is repeated here.
+``monai.bundle.ConfigParser`` and builds the bundle's own ``predictor`` from it, with the TorchScript module as
+its ``network`` and no checkpoint (a :class:`pipelines.inference.predict.ClassificationPredictor` or subclass:
+its ``volume_transform`` / ``slice_transform`` / ``image_transform``, class names, aggregation, threshold). So
+slices are made and normalised exactly as the bundle's ``inference.json`` run makes them; nothing of the
+preprocessing is repeated here.
 
 Where the config comes from, in this order: an explicit ``config_file``; ``bundles/<bundle>/configs/<file>`` of
 this repository (also present in a staged MAP, see :mod:`pipelines.deploy.package`); the copy of the config that
@@ -35,7 +36,6 @@ from pydicom.dataset import Dataset
 
 from pipelines.deploy.specs import BundleAppSpec, get_spec
 from pipelines.inference.aggregate import aggregate_probs
-from pipelines.inference.predict import ClassificationPredictor
 from pipelines.io.dicom import DicomSeriesError, DicomVolume
 
 logger = logging.getLogger(__name__)
@@ -179,10 +179,10 @@ class StudyClassifier:
         config_file: inference config to read instead of the bundle's (see the module docstring).
         overrides: config ids to override, applied after ``$NEURO_DEPLOY_OVERRIDES``.
         device: torch device; default CUDA when available, else CPU.
-        batch_size: slices per forward pass; default the config's ``batch_size`` (else 32).
+        batch_size: slices per forward pass; default the config's.
 
     Raises:
-        DeployError: unreadable model, no config found, or config ids missing.
+        DeployError: unreadable model, no config found, or a predictor that cannot be built.
     """
 
     def __init__(
@@ -196,13 +196,14 @@ class StudyClassifier:
     ) -> None:
         from monai.bundle import ConfigParser
 
+        from pipelines.tracking import bundle_dir
+
         self.spec = get_spec(spec) if isinstance(spec, str) else spec
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model_path = find_model_file(model_path)
         config_name = Path(self.spec.config_file).name
         self.network, embedded_meta, embedded_config = _load_torchscript(self.model_path, self.device, config_name)
-
-        from pipelines.tracking import bundle_dir
+        self.network.eval()
 
         configs = Path(bundle_dir(self.spec.bundle_name)) / "configs"
         parser = ConfigParser()
@@ -223,9 +224,9 @@ class StudyClassifier:
                 f"{configs / self.spec.config_file}, and {self.model_path} has no embedded {config_name} "
                 "(export with `ckpt_export --config_file configs/inference.json`)"
             )
-        parser.update({**_env_overrides(), **dict(overrides or {})})
-        self.parser = parser
         self.overrides = {**_env_overrides(), **dict(overrides or {})}
+        parser.update(self.overrides)
+        self.parser = parser
 
         meta = embedded_meta
         if not meta.get("version") and (configs / "metadata.json").is_file():
@@ -238,49 +239,39 @@ class StudyClassifier:
             "file": self.model_path.name,
         }
 
-        self.class_names = [str(c) for c in self._get(self.spec.class_names_id)]
-        volume_transform = self._get(self.spec.volume_transform_id)
-        image_transform = self._get(self.spec.image_transform_id, default=None)
-        self.aggregation = str(self._get(self.spec.aggregation_id, default="mean"))
-        topk = int(self._get(self.spec.topk_id, default=3))
-        bs = int(batch_size if batch_size is not None else self._get("batch_size", default=32))
-        self.predictor = ClassificationPredictor(
-            network=self.network,
-            class_names=self.class_names,
-            image_transform=image_transform,
-            volume_transform=volume_transform,
-            ckpt_path=None,
-            device=self.device,
-            batch_size=bs,
-            aggregation=self.aggregation,
-            topk=topk,
-            model_name=self.model_info["name"],
-            model_version=self.model_info["version"],
-        )
+        # The bundle's own predictor, running the exported module: same transforms, classes and study rule.
+        parser["network"] = self.network
+        parser["ckpt_path"] = None
+        parser["device"] = self.device
+        if batch_size is not None:
+            parser["batch_size"] = int(batch_size)
+        self.predictor = self._get(self.spec.predictor_id)
+        self.class_names = [str(c) for c in self.predictor.class_names]
+        self.aggregation = str(self.predictor.aggregation)
+        if self.spec.series_mode == "volume" and self.predictor.volume_transform is None:
+            raise DeployError(f"{self.config_source}: predictor has no volume_transform for series_mode 'volume'")
+        if self.spec.series_mode == "ct_slices" and getattr(self.predictor, "slice_transform", None) is None:
+            raise DeployError(f"{self.config_source}: predictor has no slice_transform for series_mode 'ct_slices'")
+        if self.spec.decision == "threshold":
+            for attr in ("threshold", "positive_class", "topk"):
+                if not hasattr(self.predictor, attr):
+                    raise DeployError(f"{self.config_source}: predictor has no {attr!r} for decision 'threshold'")
         self._eager: torch.nn.Module | None = None
         self._lock = threading.Lock()
 
-    _MISSING = object()
-
-    def _get(self, config_id: str, default: Any = _MISSING) -> Any:
+    def _get(self, config_id: str) -> Any:
         if config_id not in self.parser:
-            if default is self._MISSING:
-                raise DeployError(f"{self.config_source}: config id {config_id!r} not found")
-            return default
+            raise DeployError(f"{self.config_source}: config id {config_id!r} not found")
         try:
             return self.parser.get_parsed_content(config_id)
         except Exception as e:  # noqa: BLE001 - ConfigParser raises many types for bad expressions
-            raise DeployError(f"{self.config_source}: cannot build config id {config_id!r} ({e})") from e
+            raise DeployError(f"{self.config_source}: cannot build config id {config_id!r} ({_root_cause(e)})") from e
 
     # -- inputs ----------------------------------------------------------------------------------------------
     def classify_series(self, volume: DicomVolume, return_slices: bool = False):
         """Classify one DICOM series (a :class:`DicomVolume`, e.g. from ``load_series`` or
-        :func:`volume_from_sorted_slices`)."""
-        from monai.transforms import EnsureChannelFirst
-
+        :func:`volume_from_sorted_slices`); with ``return_slices`` also the preprocessed model inputs."""
         where = f"series {volume.series_uid}"
-        mt = EnsureChannelFirst(channel_dim="no_channel")(volume.to_metatensor())
-        extra = dict(self.spec.sample_keys(volume.datasets)) if self.spec.sample_keys is not None else {}
         first = volume.datasets[0] if volume.datasets else Dataset()
         info = {
             "kind": "dicom",
@@ -289,60 +280,88 @@ class StudyClassifier:
             "modality": volume.modality,
             "n_instances": int(volume.array.shape[0]),
         }
-        return self._classify_volume(mt, extra, info, where, return_slices)
+        if self.spec.series_mode == "ct_slices":
+            from pipelines.inference.ct import series_slices
+
+            raw = series_slices(volume, self.predictor.prewindowed, self.predictor.dicom_window)
+            images = [self._apply(self.predictor.slice_transform, {"image": img}, where)["image"] for img in raw]
+            return self._finish(images, list(range(len(images))), info, return_slices)
+        from monai.transforms import EnsureChannelFirst
+
+        mt = EnsureChannelFirst(channel_dim="no_channel")(volume.to_metatensor())
+        return self._classify_volume(mt, info, where, return_slices)
 
     def classify_nifti(self, path: str | os.PathLike, return_slices: bool = False):
         """Classify a 3D NIfTI volume (loaded as the bundle's inference does: MONAI ``LoadImage``)."""
         path = Path(path)
+        if self.spec.series_mode != "volume":
+            raise DeployError(f"{path.name}: bundle {self.spec.bundle_name} takes DICOM series or 2D images, not NIfTI")
         try:
             mt = self.predictor.load_volume(path)
         except ValueError as e:
             raise DeployError(str(e)) from e
-        info = {"kind": "nifti", "n_instances": 1}
-        return self._classify_volume(mt, {}, info, path.name, return_slices)
+        return self._classify_volume(mt, {"kind": "nifti", "n_instances": 1}, path.name, return_slices)
 
     def classify_image(self, path: str | os.PathLike, return_slices: bool = False):
-        """Classify a single 2D picture (PNG/JPEG/BMP/TIFF) with the bundle's 2D ``preprocessing``."""
+        """Classify a single 2D picture (PNG/JPEG/BMP/TIFF) with the bundle's 2D ``image_transform``."""
         path = Path(path)
-        if self.predictor.image_transform is None:
-            raise DeployError(f"bundle {self.spec.bundle_name} has no 2D image preprocessing "
-                              f"(config id {self.spec.image_transform_id!r})")
-        try:
-            image = self.predictor.image_transform({"image": str(path)})["image"]
-        except Exception as e:  # noqa: BLE001 - MONAI wraps the loader's error
-            raise DeployError(f"{path.name}: {_root_cause(e)}") from e
-        images = [torch.as_tensor(image)]
-        probs = self._predict(images)
-        result = self._result(probs, [-1], {"kind": "image", "n_instances": 1})
-        return (result, images) if return_slices else result
+        image = self._apply(self.predictor.image_transform, {"image": str(path)}, path.name)["image"]
+        return self._finish([image], [-1], {"kind": "image", "n_instances": 1}, return_slices)
 
-    def _classify_volume(self, mt, extra: dict, info: dict, where: str, return_slices: bool):
-        if self.predictor.volume_transform is None:
-            raise DeployError(f"bundle {self.spec.bundle_name} has no volume preprocessing")
-        if not torch.isfinite(torch.as_tensor(mt)).all():
-            raise DeployError(f"{where}: volume holds NaN or infinite values")
+    @staticmethod
+    def _apply(transform, data: dict, where: str) -> dict:
+        if transform is None:
+            raise DeployError(f"{where}: this bundle has no preprocessing for this kind of input")
         try:
-            items = self.predictor.volume_transform({"image": mt, **extra})
+            return transform(data)
         except Exception as e:  # noqa: BLE001 - MONAI wraps transform errors; report the root cause
             raise DeployError(f"{where}: {_root_cause(e)}") from e
+
+    def _classify_volume(self, mt, info: dict, where: str, return_slices: bool):
+        if not torch.isfinite(torch.as_tensor(mt)).all():
+            raise DeployError(f"{where}: volume holds NaN or infinite values")
+        items = self._apply(self.predictor.volume_transform, {"image": mt}, where)
         if isinstance(items, dict):
             items = [items]
         if not items:
             raise DeployError(f"{where}: no usable slices (empty or blank volume)")
-        images = [torch.as_tensor(it["image"]) for it in items]
+        images = [it["image"] for it in items]
         idx = [int(it.get("slice_index", i)) for i, it in enumerate(items)]
-        probs = self._predict(images)
-        result = self._result(probs, idx, info)
+        return self._finish(images, idx, info, return_slices)
+
+    def _finish(self, images: Sequence[Any], slice_index: Sequence[int], info: dict, return_slices: bool):
+        images = [torch.as_tensor(x) for x in images]
+        with self._lock:
+            probs = self.predictor.predict_tensors(images)
+        result = self._result(probs, slice_index, info)
         return (result, images) if return_slices else result
 
-    def _predict(self, images: Sequence[torch.Tensor]) -> np.ndarray:
-        with self._lock:
-            return self.predictor.predict_tensors(images)
-
     # -- outputs ---------------------------------------------------------------------------------------------
+    def _study(self, probs: np.ndarray) -> dict:
+        """The study result by the bundle's rule (see :class:`pipelines.deploy.specs.BundleAppSpec`)."""
+        if self.spec.decision == "threshold":
+            from pipelines.inference.ct import study_scores
+
+            pos = self.class_names.index(self.predictor.positive_class)
+            scores = study_scores(probs, pos, int(self.predictor.topk))
+            score = scores[self.aggregation]
+            k = pos if score >= float(self.predictor.threshold) else 1 - pos
+            study = np.empty(2)
+            study[pos], study[1 - pos] = score, 1.0 - score
+            extra = {"score": float(score), "scores": scores, "threshold": float(self.predictor.threshold)}
+        else:
+            study = aggregate_probs(probs, self.aggregation, k=int(getattr(self.predictor, "topk", 3)))
+            k = int(np.argmax(study))
+            extra = {}
+        return {
+            "predicted_class": self.class_names[k],
+            "predicted_index": k,
+            "probability": float(study[k]),
+            "probabilities": {c: float(v) for c, v in zip(self.class_names, study)},
+            **extra,
+        }
+
     def _result(self, probs: np.ndarray, slice_index: Sequence[int], info: dict) -> dict:
-        study = aggregate_probs(probs, self.aggregation, k=self.predictor.topk)
-        k = int(np.argmax(study))
         slices = [
             {
                 "slice_index": int(i),
@@ -357,12 +376,7 @@ class StudyClassifier:
             "class_names": list(self.class_names),
             "input": info,
             "aggregation": self.aggregation,
-            "study": {
-                "predicted_class": self.class_names[k],
-                "predicted_index": k,
-                "probability": float(study[k]),
-                "probabilities": {c: float(v) for c, v in zip(self.class_names, study)},
-            },
+            "study": self._study(probs),
             "n_slices": len(slices),
             "slices": slices,
         }
@@ -387,7 +401,7 @@ class StudyClassifier:
             result: the classification (from ``classify_*``).
             images: the preprocessed slices returned with ``return_slices=True``.
             method: ``auto`` (attention rollout for networks with transformer ``blocks``, else Grad-CAM on the
-                last convolution), ``rollout`` or ``gradcam``.
+                predictor's ``gradcam_layer`` or the last convolution), ``rollout`` or ``gradcam``.
 
         Returns:
             ``(png bytes, info)`` with info ``{"method", "slice_index", "class"}``.
@@ -405,11 +419,13 @@ class StudyClassifier:
             if method == "rollout":
                 heat = attention_rollout(net, x)
             elif method == "gradcam":
-                heat = grad_cam(net, x, last_conv_layer(net), class_idx=k)
+                layer = getattr(self.predictor, "gradcam_layer", None) or last_conv_layer(net)
+                heat = grad_cam(net, x, layer, class_idx=k)
             else:
                 raise DeployError(f"unknown overlay method {method!r}; use auto, rollout or gradcam")
         with tempfile.TemporaryDirectory() as tmp:
-            path = save_overlay(x[0, 0].cpu(), heat[0, 0].cpu(), Path(tmp) / "overlay.png",
+            # tensors are (x, y); the figure shows rows = y, like a radiological image
+            path = save_overlay(x[0, 0].cpu().T, heat[0, 0].cpu().T, Path(tmp) / "overlay.png",
                                 title=f"{cls} (study p={result['study']['probability']:.2f}) | {method}")
             data = Path(path).read_bytes()
         return data, {"method": method, "slice_index": result["slices"][j]["slice_index"], "class": cls}

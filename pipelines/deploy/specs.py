@@ -1,22 +1,18 @@
 """One deploy application per bundle with a DICOM use: what each app selects and which bundle config it runs.
 
 A :class:`BundleAppSpec` is all that differs between the apps: the bundle name (its ``configs/inference.json``
-gives the preprocessing and the class names, its ``metadata.json`` the model name and version), the DICOM series
-selection rules (MONAI Deploy ``DICOMSeriesSelectorOperator`` JSON), and the config ids to read. Everything else
-(the operators, the SR and JSON writers, the HTTP service) is generic and looks a spec up by bundle name with
-:func:`get_spec`.
+``predictor`` gives the preprocessing, the class names and the study rule; its ``metadata.json`` the model name
+and version), the DICOM series selection rules (MONAI Deploy ``DICOMSeriesSelectorOperator`` JSON), how a series
+becomes slices and how slice probabilities become the study result. Everything else (the operators, the SR and
+JSON writers, the HTTP service) is generic and looks a spec up by bundle name with :func:`get_spec`.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
-from pydicom.dataset import Dataset
-
-__all__ = ["APP_SPECS", "BundleAppSpec", "get_spec", "modality_rules", "pet_suv_keys"]
+__all__ = ["APP_SPECS", "BundleAppSpec", "get_spec", "modality_rules"]
 
 
 def modality_rules(modality: str, name: str | None = None) -> str:
@@ -32,16 +28,6 @@ def modality_rules(modality: str, name: str | None = None) -> str:
     return json.dumps(rules)
 
 
-def pet_suv_keys(datasets: Sequence[Dataset]) -> dict[str, Any]:
-    """Extra sample keys for PET bundles: the series' body-weight SUV factor (``suv_factor``), from the headers.
-
-    ``transforms.pet.SUVScaled`` in the bundle's preprocessing multiplies the rescaled volume (Bq/ml) by it.
-    """
-    from pipelines.io.suv import series_suv_factor
-
-    return {"suv_factor": float(series_suv_factor(list(datasets)).factor)}
-
-
 @dataclass(frozen=True)
 class BundleAppSpec:
     """What one deploy app runs.
@@ -50,18 +36,16 @@ class BundleAppSpec:
         bundle_name: folder name under ``bundles/`` (and ``bundle_name`` in its configs).
         modality: DICOM Modality of the input series (``MR``, ``CT``, ``PT``).
         app_name: MAP / module name (a Python identifier); default ``bundle_name``.
-        description: one line for the app and the SR series description.
-        config_file: config holding the inference preprocessing, relative to ``bundles/<bundle>/configs``.
-        class_names_id: config id of the class names (in output order of the network).
-        volume_transform_id: config id of the dict transform ``{"image": (1, X, Y, Z) MetaTensor, ...extra}`` ->
-            list of slice dicts (``image`` ``(C, H, W)``, ``slice_index``); the bundle's own 3D inference chain.
-        image_transform_id: config id of the dict transform ``{"image": path}`` -> ``{"image": (C, H, W)}`` for a
-            single 2D picture (HTTP service only).
-        aggregation_id: config id of the study aggregation method
-            (:func:`pipelines.inference.aggregate.aggregate_probs`); absent -> ``mean``.
-        topk_id: config id of k for ``topk_mean``; absent -> 3.
-        sample_keys: headers of the series (sorted) -> extra keys for the volume transform's input dict, e.g. the
-            SUV factor of a PET series.
+        description: one line for the app and the service.
+        config_file: config holding the inference ``predictor``, relative to ``bundles/<bundle>/configs``.
+        predictor_id: config id of the bundle's predictor (built with the TorchScript network, no checkpoint).
+        series_mode: how a DICOM series becomes model inputs: ``"volume"`` (the predictor's ``volume_transform``
+            on the ``(1, X, Y, Z)`` RAS MetaTensor, as ``ClassificationPredictor.predict_volume``) or
+            ``"ct_slices"`` (every sorted slice in HU through the predictor's ``slice_transform``, as
+            ``CTStudyPredictor.predict_series``).
+        decision: study rule: ``"argmax"`` (the predictor's ``aggregation`` of slice probabilities, then the most
+            probable class) or ``"threshold"`` (the positive class's ``aggregation`` score, ``max`` or
+            ``topk_mean``, not renormalised, positive when ``>= threshold``; the CT detector's rule).
         rules: ``DICOMSeriesSelectorOperator`` rules (JSON text); default :func:`modality_rules` of ``modality``.
     """
 
@@ -70,17 +54,18 @@ class BundleAppSpec:
     app_name: str = ""
     description: str = ""
     config_file: str = "inference.json"
-    class_names_id: str = "class_names"
-    volume_transform_id: str = "volume_preprocessing"
-    image_transform_id: str = "preprocessing"
-    aggregation_id: str = "aggregation"
-    topk_id: str = "topk"
-    sample_keys: Callable[[Sequence[Dataset]], Mapping[str, Any]] | None = None
+    predictor_id: str = "predictor"
+    series_mode: str = "volume"
+    decision: str = "argmax"
     rules: str = field(default="")
 
     def __post_init__(self) -> None:
         if not self.bundle_name or not self.bundle_name.replace("_", "").isalnum():
             raise ValueError(f"bundle_name must be a bundle folder name (letters, digits, _), got {self.bundle_name!r}")
+        if self.series_mode not in ("volume", "ct_slices"):
+            raise ValueError(f"{self.bundle_name}: series_mode must be 'volume' or 'ct_slices', got {self.series_mode!r}")
+        if self.decision not in ("argmax", "threshold"):
+            raise ValueError(f"{self.bundle_name}: decision must be 'argmax' or 'threshold', got {self.decision!r}")
         if not self.app_name:
             object.__setattr__(self, "app_name", self.bundle_name)
         if not self.rules:
@@ -93,12 +78,24 @@ class BundleAppSpec:
             raise ValueError(f"{self.bundle_name}: selection rules need a non-empty 'selections' list")
 
 
-#: The deploy apps, by bundle name. ct_hemorrhage and amyloid_pet are added here once their bundles exist.
+#: The deploy apps, by bundle name.
 APP_SPECS: dict[str, BundleAppSpec] = {
     "alz_hybrid": BundleAppSpec(
         bundle_name="alz_hybrid",
         modality="MR",
         description="Alzheimer severity (4 stages) from a T1-weighted brain MR series",
+    ),
+    "ct_hemorrhage": BundleAppSpec(
+        bundle_name="ct_hemorrhage",
+        modality="CT",
+        description="Intracranial haemorrhage (yes/no) from a non-contrast head CT series",
+        series_mode="ct_slices",
+        decision="threshold",
+    ),
+    "amyloid_pet": BundleAppSpec(
+        bundle_name="amyloid_pet",
+        modality="PT",
+        description="Amyloid PET visual read (negative / intermediate / positive) from a brain PET series",
     ),
 }
 

@@ -198,7 +198,10 @@ def cluster_embeddings(features: Any, labels: Any, n_clusters: int, seed: int = 
     k = int(min(int(n_clusters), len(x)))
     if k < 1:
         raise ValueError(f"n_clusters must be >= 1, got {n_clusters}")
-    clusters = KMeans(n_clusters=k, n_init=10, random_state=int(seed)).fit_predict(x)
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):  # see project_2d: two OpenMP runtimes (torch, scikit-learn) in one process
+        clusters = KMeans(n_clusters=k, n_init=10, random_state=int(seed)).fit_predict(x)
     majority = sum(np.bincount(y[clusters == c]).max() for c in np.unique(clusters))
     return {
         "clusters": clusters.astype(int),
@@ -229,8 +232,13 @@ def project_2d(features: Any, method: str = "pca", seed: int = 0) -> tuple[np.nd
     elif method == "tsne":
         from sklearn.manifold import TSNE
 
+        from threadpoolctl import threadpool_limits
+
         perplexity = float(max(2.0, min(30.0, (n - 1) / 3.0)))
-        coords = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=int(seed)).fit_transform(x)
+        # torch and scikit-learn each load their own libgomp; with both threaded, t-SNE spin-waits for minutes.
+        with threadpool_limits(1):
+            coords = TSNE(n_components=2, perplexity=perplexity, init="pca",
+                          random_state=int(seed)).fit_transform(x)
         info = {"perplexity": perplexity}
     else:
         raise ValueError(f"unknown projection {method!r}; use pca or tsne")

@@ -373,7 +373,8 @@ def study_markdown(result: dict[str, Any]) -> str:
     pw = result.get("position_weights")
     if pw:
         lines.append(f"Weighted: soft voting with per-slice-position ({pw['position']}) validation {pw['metric']} "
-                     f"(overall {pw['overall']:.3f}); {result['n_weighted_fallback']} study(ies) fell back to the mean.")
+                     f"(overall {pw['overall']:.3f}); {result['n_weighted_fallback']} study(ies) fell back to the "
+                     "mean.")
     return "\n".join(lines) + "\n"
 
 
@@ -585,7 +586,10 @@ class StudyEvaluationHandler:
 
         client = MlflowClient(tracking_uri=self.mlflow_tracking_uri)
         experiment = client.get_experiment_by_name(self.mlflow_experiment)
-        exp_id = experiment.experiment_id if experiment is not None else client.create_experiment(self.mlflow_experiment)
+        if experiment is not None:
+            exp_id = experiment.experiment_id
+        else:
+            exp_id = client.create_experiment(self.mlflow_experiment)
         run_id, started = None, False
         if self.mlflow_run_name:
             name = self.mlflow_run_name.replace("'", "\\'")

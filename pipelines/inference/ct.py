@@ -45,7 +45,8 @@ def _ref(text: str) -> str:
 
 
 def _root_cause(err: BaseException) -> BaseException:
-    while err.__cause__ is not None:
+    """The error under MONAI's ``RuntimeError("applying transform ...")`` wrappers (kept: our own clear errors)."""
+    while type(err) is RuntimeError and err.__cause__ is not None:
         err = err.__cause__
     return err
 

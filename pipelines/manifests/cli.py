@@ -7,7 +7,7 @@ Examples::
         --out data_manifests/alzheimer_mri_4class/manifest.csv --paths relative
     # ADNI/OASIS/BIDS NIfTI tree + clinical table (subject, session, diagnosis, age, sex)
     python -m pipelines manifest build --kind nifti --root adni/volumes --participants adni/clinical.csv \\
-        --label-column DX --label-map CN=NonDemented --label-map AD=MildDemented --out adni.csv
+        --subject-column PTID --label-column DX --age-column AGE --sex-column PTGENDER --out adni.csv
     # DICOM study tree + labels table (subject/study/series -> label)
     python -m pipelines manifest build --kind dicom --root dicom/ --labels labels.csv --out dicom.csv
     # subject-level splits, written to data_manifests/<dataset>/splits/<name>/ (never overwritten silently)
@@ -223,7 +223,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
     if args.subject_from == "patient-id-hash":
         salt = os.environ.get(args.salt_env)
         if not salt:
-            raise ManifestError(f"--subject-from patient-id-hash reads the salt from ${args.salt_env}, which is not set")
+            raise ManifestError(f"--subject-from patient-id-hash reads the salt from ${args.salt_env}, "
+                                "which is not set")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = build_manifest_file(
@@ -253,7 +254,7 @@ def _load_for_split(path: Path) -> tuple[pd.DataFrame, bool]:
 
 def _cmd_split(args: argparse.Namespace) -> int:
     from pipelines.manifests.audit import assert_no_subject_overlap
-    from pipelines.manifests.kfold import fold_manifest, stratified_subject_split, subject_kfold, write_kfold
+    from pipelines.manifests.kfold import stratified_subject_split, subject_kfold, write_kfold
     from pipelines.manifests.schema import validate_manifest
     from pipelines.manifests.split import split_counts, write_split
 
@@ -268,9 +269,8 @@ def _cmd_split(args: argparse.Namespace) -> int:
     if args.kfold:
         result = subject_kfold(df, n_splits=args.kfold, seed=args.seed, test_fraction=args.test,
                                age_bins=args.age_bins)
+        # write_kfold builds each fold with fold_manifest, which raises LeakageError on a shared subject
         write_kfold(result, out_dir, overwrite=args.overwrite, paths="relative" if relative else "keep", **extra)
-        for k in range(args.kfold):
-            assert_no_subject_overlap(fold_manifest(result, k))
         print(f"wrote {args.kfold}-fold split to {out_dir} ({result.attrs['split_params']['method']})")
         per_fold = result[result["fold"].notna()].groupby("fold")["subject_id"].nunique()
         print("  subjects per fold: " + ", ".join(f"fold-{int(k)}: {n}" for k, n in per_fold.items())
@@ -308,6 +308,8 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
     manifest = Path(args.manifest)
     df = read_manifest(manifest)
+    # group columns of an earlier audit (e.g. in a pseudo-subject manifest) would collide with the new ones
+    df = df.drop(columns=[c for c in (*_HASH_COLUMNS, "exact_group", "near_group") if c in df.columns])
     report = audit(df, near=args.near, root=manifest.resolve().parent, hash_size=args.hash_size,
                    max_distance=args.max_distance, max_examples=args.max_examples)
     print(report.to_markdown())

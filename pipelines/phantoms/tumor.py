@@ -124,9 +124,9 @@ def _draw_tumour(rng: np.random.Generator, label: int, head_radii: tuple[float, 
     name = CLASS_NAMES[label]
     if name == "glioma":
         side = rng.choice([-1.0, 1.0])
-        radius = float(rng.uniform(0.07, 0.20))
+        radius = float(rng.uniform(0.07, 0.18))
         return TumourParams(
-            centre=(float(side * rng.uniform(0.18, 0.45)), float(rng.uniform(-0.40, 0.35))),
+            centre=(float(side * rng.uniform(0.17, 0.36)), float(rng.uniform(-0.35, 0.30))),
             radius=radius,
             harmonics=_harmonics(rng, float(rng.uniform(0.12, 0.28)), 7),
             contrast=float(rng.uniform(0.55, 1.0)),
@@ -202,8 +202,8 @@ def render_slice(params: SubjectParams, size: int = 256, slice_offset: float = 0
         seed: seed of the noise.
 
     Returns:
-        ``(image, labels)``: image float32 ``(size, size)`` in [0, 1], rows = anterior -> posterior (image y),
-        columns = right -> left of the image (x); and the uint8 tissue label map (``BACKGROUND..NECROSIS``).
+        ``(image, labels)``: image float32 ``(size, size)`` in [0, 1] (rows run anterior -> posterior, columns
+        left -> right of the image) and the uint8 tissue label map (values ``BACKGROUND..NECROSIS``).
     """
     if int(size) < 32:
         raise ValueError(f"size must be >= 32 pixels, got {size}")

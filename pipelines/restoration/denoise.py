@@ -119,6 +119,9 @@ class Denoiser:
         batch_size: images per forward pass for 4D input.
     """
 
+    #: Smallest side the 4-level U-Net accepts (its bottleneck needs more than one pixel for instance norm).
+    MIN_SIZE = 32
+
     def __init__(self, network: torch.nn.Module, device: str | torch.device = "cpu", batch_size: int = 8) -> None:
         self.device = torch.device(device)
         self.network = network.to(self.device).eval()
@@ -133,6 +136,9 @@ class Denoiser:
             x = x[None]
         if x.ndim != 4:
             raise ValueError(f"expected (C, H, W) or (N, C, H, W) images, got shape {tuple(x.shape)}")
+        if min(x.shape[-2:]) < self.MIN_SIZE:
+            raise ValueError(f"image of spatial size {tuple(x.shape[-2:])} is too small for the U-Net's four "
+                             f"downsamplings: both sides must be >= {self.MIN_SIZE} px")
         outs = [
             self.network(x[i : i + self.batch_size].to(self.device)).float().clamp(0, 1).cpu()
             for i in range(0, len(x), self.batch_size)

@@ -20,6 +20,7 @@ unchanged MONAI iteration.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Any, Callable, Sequence
 
@@ -34,6 +35,7 @@ __all__ = [
     "DISTILL_MODES",
     "DistillationLoss",
     "DistillationTrainer",
+    "checkpoint_digest",
     "distillation_loss",
     "hard_distillation",
     "load_teacher",
@@ -118,6 +120,29 @@ def distillation_loss(
     return (1.0 - alpha) * base + alpha * distill
 
 
+def _missing_teacher(path: str) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"teacher checkpoint not found: {path} (train the teacher first with configs/teacher_resnet50.json, "
+        "or set --teacher_ckpt)"
+    )
+
+
+def checkpoint_digest(ckpt_path: str | os.PathLike) -> str:
+    """First 16 hex digits of the SHA-256 of a checkpoint file: names the exact teacher in the run's params.
+
+    Raises:
+        FileNotFoundError: no file at ``ckpt_path``.
+    """
+    path = os.fspath(ckpt_path)
+    if not os.path.isfile(path):
+        raise _missing_teacher(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
 def load_teacher(network: nn.Module, ckpt_path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
     """Load teacher weights from a MONAI ``CheckpointSaver`` file and freeze the network (eval mode, no grad).
 
@@ -134,10 +159,7 @@ def load_teacher(network: nn.Module, ckpt_path: str | os.PathLike, device: str |
 
     path = os.fspath(ckpt_path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"teacher checkpoint not found: {path} (train the teacher first with configs/teacher_resnet50.json, "
-            "or set --teacher_ckpt)"
-        )
+        raise _missing_teacher(path)
     state = load_state_dict(path, device)
     try:
         network.load_state_dict(state)

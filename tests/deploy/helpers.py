@@ -28,6 +28,10 @@ ALZ_TINY = {
     "dropout": 0.0,
     "batch_size": 8,
 }
+#: Tiny DenseNet for the ct_hemorrhage and amyloid_pet bundles (pipelines.networks.cnn.build_classifier kwargs).
+TINY_DENSENET = {"init_features": 8, "growth_rate": 8, "block_config": [2, 2]}
+CT_TINY = {"image_size": 32, "batch_size": 8, "network_kwargs": TINY_DENSENET}
+PET_TINY = {"image_size": 32, "num_slices": 4, "batch_size": 8, "network_kwargs": TINY_DENSENET}
 PATIENT_NAME = "PHANTOM^ALZ"
 PATIENT_ID = "PHANTOM-ALZ-0001"
 
@@ -108,6 +112,22 @@ def write_mr_series(
         pydicom.dcmwrite(path, ds, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def write_ct_series(out_dir: Path, seed: int = 4, hemorrhage: str = "iph", shape=(8, 64, 64)) -> list[Path]:
+    """A head-CT phantom series (int HU, axial, shuffled file names) from :mod:`pipelines.phantoms.head_ct`."""
+    from pipelines.phantoms.head_ct import make_head_ct_volume, write_dicom_series
+
+    hu, _, _ = make_head_ct_volume(seed, shape=shape, hemorrhage=hemorrhage)
+    return write_dicom_series(hu, out_dir, seed=seed)
+
+
+def write_pet_dir(out_dir: Path, seed: int = 2, cls: int = 2, shape=(20, 32, 32)) -> list[Path]:
+    """An amyloid PET phantom series (Bq/ml, per-slice rescale) from :mod:`pipelines.phantoms.amyloid_pet`."""
+    from pipelines.phantoms.amyloid_pet import make_amyloid_volume, write_pet_series
+
+    return write_pet_series(make_amyloid_volume(seed, cls, shape=shape), out_dir, weight_kg=70.0, dose_bq=370e6,
+                            seed=seed)
 
 
 def export_tiny_model(out_dir: Path, bundle: str = "alz_hybrid", overrides: Mapping[str, object] = ALZ_TINY,

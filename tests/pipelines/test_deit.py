@@ -219,3 +219,12 @@ def test_load_teacher_other_architecture_raises_value_error(tmp_path):
     torch.save({"model": nn.Linear(2, 2).state_dict()}, tmp_path / "model.pt")
     with pytest.raises(ValueError, match="does not fit"):
         load_teacher(_LinearTeacher(), tmp_path / "model.pt")
+
+
+def test_checkpoint_digest_is_the_sha256_prefix_of_the_file(tmp_path):
+    import hashlib
+
+    from pipelines.training.distill import checkpoint_digest
+
+    (tmp_path / "model.pt").write_bytes(b"weights")
+    assert checkpoint_digest(tmp_path / "model.pt") == hashlib.sha256(b"weights").hexdigest()[:16]

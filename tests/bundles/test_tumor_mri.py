@@ -1,0 +1,170 @@
+"""tumor_mri bundle: the four network overlays, one real ``monai.bundle run`` (train + evaluate) on the tiny
+phantom, inference from its checkpoint, the comparison of its MLflow runs, and the metadata schema.
+
+The slow tests share one train + evaluate of the ResNet-18 overlay (tiny phantom, 32 px, 2 epochs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from monai.bundle import ConfigParser
+
+from tests.bundles.bundle_utils import REPO_ROOT, bundle_env, overrides, run_monai_bundle
+from tests.conftest import SHARED_SCHEMA
+
+CFG = REPO_ROOT / "bundles" / "tumor_mri" / "configs"
+OVERLAYS = ["resnet18", "densenet121", "efficientnet_b0", "vit"]
+CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]
+TINY_DATA = "$pipelines.phantoms.tumor.default_dataset('tumor-tiny')"
+
+
+def _files(*names: str) -> str:
+    return repr([str(CFG / f"{n}.json") for n in names])
+
+
+def _parser(*names: str, **ids) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config([str(CFG / f"{n}.json") for n in names])
+    parser.update(ids)
+    return parser
+
+
+# -- fast: every overlay builds its network ------------------------------------------------------------------------
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_network_returns_four_logits_and_traces(overlay):
+    torch.manual_seed(0)
+    net = _parser("train", overlay, image_size=32).get_parsed_content("network_def").eval()
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        eager = net(x)
+        traced = torch.jit.trace(net, x, check_trace=False)(x)
+    assert eager.shape == (2, 4)
+    torch.testing.assert_close(traced, eager, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("overlay", "name", "cls"), [
+    ("resnet18", "resnet18", "ResNet"), ("densenet121", "densenet121", "DenseNet121"),
+    ("efficientnet_b0", "efficientnet-b0", "EfficientNetBN"), ("vit", "vit", "ViTClassifier"),
+])
+def test_overlay_selects_its_monai_network_in_train_and_inference(overlay, name, cls):
+    for base in ("train", "inference"):
+        parser = _parser(base, overlay, image_size=64)
+        assert parser.get_parsed_content("network_name") == name
+        assert type(parser.get_parsed_content("network_def")).__name__ == cls
+    ckpt = _parser("train", overlay, "evaluate").get_parsed_content("ckpt_path")
+    assert ckpt == os.path.join(REPO_ROOT, "bundles", "tumor_mri", "models", name, "model.pt")
+
+
+@pytest.mark.parametrize("overlay", ["resnet18", "densenet121", "efficientnet_b0"])
+def test_cnn_gradcam_layer_exists_in_the_network(overlay):
+    parser = _parser("train", overlay, image_size=64)
+    layer = parser.get_parsed_content("gradcam_layer")
+    assert layer in dict(parser.get_parsed_content("network_def").named_modules())
+
+
+def test_train_config_holds_the_reference_recipe():
+    parser = _parser("train", "resnet18", image_size=64)
+    opt = parser.get_parsed_content("optimizer")
+    sched = parser.get_parsed_content("lr_scheduler")
+    stop = parser.get_parsed_content("early_stop")
+    assert type(opt).__name__ == "Adam"
+    assert opt.defaults["lr"] == 1e-4 and opt.defaults["weight_decay"] == 1e-4
+    assert type(sched).__name__ == "ReduceLROnPlateau"
+    assert (sched.factor, sched.patience, sched.mode) == (0.1, 3, "max")
+    assert stop.patience == 2
+    assert _parser("train").get("image_size") == 224
+    flips = [t for t in parser.get("train#preprocessing#transforms") if t["_target_"] == "RandFlipd"]
+    assert len(flips) == 1 and parser.get("hflip_prob") == 0.5
+
+
+def test_metadata_passes_the_bundle_schema():
+    if not SHARED_SCHEMA.is_file():
+        pytest.skip(f"schema not found at {SHARED_SCHEMA}")
+    from monai.bundle import verify_metadata
+
+    verify_metadata(meta_file=str(CFG / "metadata.json"), filepath=str(SHARED_SCHEMA))
+    meta = json.loads((CFG / "metadata.json").read_text())
+    assert meta["compare_networks"] == OVERLAYS
+    assert list(meta["network_data_format"]["outputs"]["pred"]["channel_def"].values()) == CLASSES
+
+
+# -- slow: one real run through monai.bundle -----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tumor_mri")
+    env = bundle_env(tmp)
+    env["OMP_NUM_THREADS"] = "1"
+    root = tmp / "bundle"
+    common = ["--meta_file", str(CFG / "metadata.json"), "--logging_file", str(CFG / "logging.conf"),
+              "--dataset_dir", TINY_DATA, "--bundle_root", str(root),
+              *overrides(image_size=32, batch_size=8, num_workers=0, epochs=2)]
+    run_monai_bundle("run", "--config_file", _files("train", "resnet18"), *common, env=env)
+    run_monai_bundle("run", "--config_file", _files("train", "resnet18", "evaluate"), *common,
+                     *overrides(n_bootstrap=50, explain_per_class=1), "--tta_policies", "['none']", env=env)
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("tumor_mri")
+    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+    return {"env": env, "root": root, "client": client, "runs": runs}
+
+
+@pytest.mark.slow
+def test_train_run_finishes_with_the_recipe_params(trained):
+    train = trained["runs"][0]
+    assert train.info.run_name.startswith("tumor_mri-resnet18-train-") and train.info.status == "FINISHED"
+    p = train.data.params
+    assert (p["network"], p["optimizer"], p["learning_rate"], p["weight_decay"]) == ("resnet18", "Adam", "0.0001",
+                                                                                       "0.0001")
+    assert (p["lr_factor"], p["lr_patience"], p["early_stop_patience"]) == ("0.1", "3", "2")
+    assert p["n_test_images"] == "16" and p["group_duplicates"] == "near"
+    history = trained["client"].get_metric_history(train.info.run_id, "val_accuracy")
+    assert 1 <= len(history) <= 2  # early stopping (patience 2) may end before epoch 2; never after
+    assert (trained["root"] / "models" / "resnet18" / "model.pt").is_file()
+
+
+@pytest.mark.slow
+def test_evaluation_run_logs_metrics_with_cis(trained):
+    ev = trained["runs"][1]
+    assert ev.info.status == "FINISHED"
+    assert ev.data.tags["stage"] == "evaluation" and ev.data.tags["network"] == "resnet18"
+    m = ev.data.metrics
+    for name in ("accuracy", "macro_auc", "balanced_accuracy", "macro_specificity", "macro_f1"):
+        assert m[f"{name}_ci_low"] <= m[name] <= m[f"{name}_ci_high"]
+    report = json.loads((trained["root"] / "outputs" / "resnet18" / "eval" / "metrics.json").read_text())
+    assert report["n_samples"] == 16 and report["support"] == dict.fromkeys(CLASSES, 4)
+    assert report["metrics"]["accuracy"] == pytest.approx(m["accuracy"])
+    assert sorted(p.name for p in (trained["root"] / "outputs" / "resnet18" / "eval" / "explanations").iterdir()) \
+        == [f"{c}_0.png" for c in CLASSES]
+
+
+@pytest.mark.slow
+def test_comparison_of_the_store_lists_the_evaluation_run(trained, tmp_path):
+    from pipelines.evaluation.compare import compare_runs
+
+    result = compare_runs(trained["env"]["MLFLOW_TRACKING_URI"], "tumor_mri", out_dir=tmp_path)
+    ev = trained["runs"][1]
+    assert result.table["run_id"].tolist() == [ev.info.run_id]
+    assert result.table["model"].tolist() == ["resnet18"]
+    assert result.table["macro_auc"].iloc[0] == ev.data.metrics["macro_auc"]
+    assert result.metrics == ["accuracy", "macro_auc", "balanced_accuracy", "macro_specificity", "macro_f1"]
+
+
+@pytest.mark.slow
+def test_inference_predicts_each_subject_from_the_trained_checkpoint(trained, tmp_path):
+    env = trained["env"]
+    parser = _parser("inference", "resnet18", bundle_root=str(trained["root"]), image_size=32,
+                     input_path=str(Path(env["NEURO_MONAI_CACHE"]) / "phantoms" / "tumor-tiny-v1-seed0" / "Testing"
+                                    / "pituitary"),
+                     output_dir=str(tmp_path))
+    parser.get_parsed_content("predictor").run(parser.get_parsed_content("input_path"), tmp_path)
+    out = json.loads((tmp_path / "predictions.json").read_text())
+    assert out["class_names"] == CLASSES and out["model"]["name"] == "tumor_mri/resnet18"
+    assert [s["n_slices"] for s in out["studies"]] == [2, 2]
+    for study in out["studies"]:
+        assert study["study"].startswith("sub-")
+        assert sum(study["probabilities"].values()) == pytest.approx(1.0)
