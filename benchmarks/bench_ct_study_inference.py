@@ -5,7 +5,7 @@ Usage:
         [--network densenet121] [--repeats 3] [--threads 2] [--gradcam]
 
 A synthetic 40-slice head-CT series (``pipelines.phantoms.head_ct``, 5 mm slices, haemorrhage on some slices) is
-written to a temporary folder. In the same process, best of ``--repeats`` runs each after one untimed warm-up:
+written to a temporary folder. In the same process, best of ``--repeats`` runs each (the two paths alternate) after one untimed warm-up:
 
 * **study**: ``CTStudyPredictor.run(folder, out)`` built from the bundle's ``inference.json`` (series scan, load,
   per-slice preprocessing, batched forward, study aggregation, atomic CSV + JSON; Grad-CAM only with
@@ -43,13 +43,16 @@ from transforms.ct import CT_WINDOW_PRESETS  # noqa: E402
 CONFIG = REPO_ROOT / "bundles" / "ct_hemorrhage" / "configs" / "inference.json"
 
 
-def _best(fn, repeats: int) -> tuple[float, object]:
-    times, out = [], None
+def _best_interleaved(fns, repeats: int) -> list[tuple[float, object]]:
+    """Best time of each function; the functions alternate so a busy machine slows them alike."""
+    times: list[list[float]] = [[] for _ in fns]
+    outs: list[object] = [None] * len(fns)
     for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return min(times), out
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            outs[i] = fn()
+            times[i].append(time.perf_counter() - start)
+    return [(min(t), o) for t, o in zip(times, outs)]
 
 
 def bare_forward(network: torch.nn.Module, folder: Path, image_size: int, batch_size: int) -> np.ndarray:
@@ -97,9 +100,9 @@ def main(argv: list[str] | None = None) -> int:
 
         predictor.run(folder, out)  # warm-up, also of the file cache
         bare_forward(network, folder, args.image_size, args.batch_size)
-        t_study, _ = _best(lambda: predictor.run(folder, out), args.repeats)
-        t_bare, probs_bare = _best(lambda: bare_forward(network, folder, args.image_size, args.batch_size),
-                                   args.repeats)
+        (t_study, _), (t_bare, probs_bare) = _best_interleaved(
+            [lambda: predictor.run(folder, out),
+             lambda: bare_forward(network, folder, args.image_size, args.batch_size)], args.repeats)
         result = json.loads((out / "predictions.json").read_text())["studies"][0]
 
     probs_study = np.array([[s["prob_normal"], s["prob_hemorrhage"]] for s in result["slices"]])

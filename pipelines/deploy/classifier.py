@@ -78,11 +78,14 @@ def find_model_file(path: str | os.PathLike) -> Path:
     found = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix in (".ts", ".pt"))
     ts = [q for q in found if q.suffix == ".ts"] or found
     if len(ts) != 1:
-        raise DeployError(f"{p}: expected exactly one TorchScript model (*.ts) in the folder, found {[str(q) for q in ts]}")
+        raise DeployError(f"{p}: expected exactly one TorchScript model (*.ts) in the folder, "
+                          f"found {[str(q) for q in ts]}")
     return ts[0]
 
 
-def _load_torchscript(path: Path, device: torch.device, config_name: str) -> tuple[torch.jit.ScriptModule, dict, dict | None]:
+def _load_torchscript(
+    path: Path, device: torch.device, config_name: str
+) -> tuple[torch.jit.ScriptModule, dict, dict | None]:
     """TorchScript module, its embedded metadata (``{}`` if none) and embedded config (None if none)."""
     extra = {"metadata.json": "", config_name: ""}
     try:
@@ -153,7 +156,8 @@ def volume_from_sorted_slices(array: np.ndarray, datasets: Sequence[Dataset], wh
     except DicomSeriesError as e:
         raise DeployError(str(e)) from e
     if (geom.rows, geom.columns) != arr.shape[1:]:
-        raise DeployError(f"{where}: pixel array {arr.shape[1:]} does not match Rows x Columns {geom.rows}x{geom.columns}")
+        raise DeployError(f"{where}: pixel array {arr.shape[1:]} does not match Rows x Columns "
+                          f"{geom.rows}x{geom.columns}")
     order = np.asarray(geom.order)
     first = datasets[int(order[0])]
     return DicomVolume(

@@ -155,8 +155,9 @@ def safe_extract_zip(zip_path: str | os.PathLike, dest: str | os.PathLike, limit
             if info.flag_bits & 0x1:
                 raise UploadError(400, f"zip entry {info.filename!r} is encrypted")
             if info.file_size > limits.max_ratio * max(info.compress_size, 1) and info.file_size > _CHUNK:
-                raise UploadError(413, f"zip entry {info.filename!r} expands {info.file_size / max(info.compress_size, 1):.0f}"
-                                       f"-fold, more than the limit of {limits.max_ratio:.0f} (zip bomb?)")
+                ratio = info.file_size / max(info.compress_size, 1)
+                raise UploadError(413, f"zip entry {info.filename!r} expands {ratio:.0f}-fold, more than the limit "
+                                       f"of {limits.max_ratio:.0f} (zip bomb?)")
             target = (dest / rel).resolve()
             if not target.is_relative_to(dest):
                 raise UploadError(400, f"unsafe path in zip archive: {info.filename!r}")

@@ -63,7 +63,8 @@ class BundleAppSpec:
         if not self.bundle_name or not self.bundle_name.replace("_", "").isalnum():
             raise ValueError(f"bundle_name must be a bundle folder name (letters, digits, _), got {self.bundle_name!r}")
         if self.series_mode not in ("volume", "ct_slices"):
-            raise ValueError(f"{self.bundle_name}: series_mode must be 'volume' or 'ct_slices', got {self.series_mode!r}")
+            raise ValueError(f"{self.bundle_name}: series_mode must be 'volume' or 'ct_slices', "
+                             f"got {self.series_mode!r}")
         if self.decision not in ("argmax", "threshold"):
             raise ValueError(f"{self.bundle_name}: decision must be 'argmax' or 'threshold', got {self.decision!r}")
         if not self.app_name:

@@ -1,25 +1,25 @@
 """DICOM Comprehensive SR (TID 1500 Measurement Report) for a study-level classification, with highdicom.
 
-Content tree (IHE AI Results style, qualitative finding plus numeric scores)::
+Content tree (IHE AI Results style: a qualitative finding plus numeric scores)::
 
     CONTAINER Imaging Measurement Report (TID 1500)
-      language, observer = device (the model: name, model name = version)
+      language; observer = device (name = model name, manufacturer, model name = model version)
       procedure reported: Imaging procedure
       CONTAINER Imaging Measurements
         CONTAINER Measurement Group (TID 1501)
-          Tracking Identifier "study classification <bundle>" + Tracking UID
+          Tracking Identifier "study classification <bundle>" + Tracking Unique Identifier
+          CODE Finding = <predicted class>
           Algorithm Name / Algorithm Version (the model's metadata.json name and version)
-          Source of Measurement: IMAGE references to every instance of the classified series
-          NUM "Probability of <class>" {probability} for every class (study-level, aggregated over slices)
-          CODE Finding = <predicted class> (TID 1501 finding type)
+          IMAGE Source of Measurement: every instance of the classified series
+          NUM "Probability of <class>" {probability}, for every class (study level, aggregated over slices)
 
 Class and score codes use the private coding scheme ``99NMB`` (``CLASS-<k>``, ``PROB-<k>``, the meaning is the
 class name), since no standard codes exist for these model outputs; ``99NMB`` with the algorithm name and version
 identifies them.
 
-Patient and study attributes are copied by highdicom from the source instances (Patient and General Study
-modules only), so the SR holds no patient data the source did not hold; Type 2 attributes missing in the source
-are written empty. The source study and series are referenced in the Current Requested Procedure Evidence
+Patient and study attributes are copied by highdicom from the first source instance (Patient, Patient Study,
+General Study and Clinical Trial modules, only attributes present there), so the SR holds no patient data the
+source did not hold; Type 2 attributes missing in the source are written empty. The source study and series are referenced in the Current Requested Procedure Evidence
 Sequence (Study/Series/SOP Instance UIDs) and in the content tree. "Research use only" is in the SR's
 SeriesDescription; CompletionFlag COMPLETE, VerificationFlag UNVERIFIED, PreliminaryFlag PRELIMINARY.
 """
@@ -72,7 +72,7 @@ def write_classification_sr(
         The path of the written file.
 
     Raises:
-        ValueError: no source instances, instances of several studies, or a result without a study class.
+        ValueError: no source instances, or instances of several studies.
     """
     import highdicom as hd
     from pydicom.sr.codedict import codes

@@ -625,6 +625,9 @@ def train_and_compare(
         if code != 0 or eval_run is None:
             logger.error("%s: failed (exit %s) after %.0f s; left out of the comparison", network, code,
                          time.time() - t0)
+            for run in (train_run, eval_run):
+                if run is not None and run.info.status == "RUNNING":  # a killed process leaves its run open
+                    client.set_terminated(run.info.run_id, status="FAILED")
             failed.append(network)
             continue
         client.set_tag(eval_run.info.run_id, "comparison_group", group)

@@ -259,8 +259,8 @@ def _plot(coords: np.ndarray, labels: np.ndarray, clusters: np.ndarray, class_na
     for i, name in enumerate(class_names):
         sel = labels == i
         if sel.any():
-            axes[0].scatter(coords[sel, 0], coords[sel, 1], s=18, color=cmap(i % 10), label=f"{name} ({int(sel.sum())})",
-                            alpha=0.8, edgecolors="none")
+            axes[0].scatter(coords[sel, 0], coords[sel, 1], s=18, color=cmap(i % 10),
+                            label=f"{name} ({int(sel.sum())})", alpha=0.8, edgecolors="none")
     axes[0].set_title("coloured by label")
     axes[0].legend(fontsize=8, loc="best")
     for c in np.unique(clusters):

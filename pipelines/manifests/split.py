@@ -40,7 +40,8 @@ def subject_split(
 
     Rows that already have a split keep it (e.g. the test folder of a Kaggle tree); the remaining
     subjects are divided into test (``test_fraction`` of all subjects, only when no row is ``test`` yet)
-    and val (``val_fraction``), the rest train. A subject never lands in two splits.
+    and val (``val_fraction``, only when no row is ``val`` yet), the rest train. A subject never lands in two
+    splits, so a manifest split before (train/val/test) comes back unchanged.
 
     Raises:
         ManifestError: a subject already spans two splits, or fractions out of range.
@@ -62,13 +63,14 @@ def subject_split(
         for s in _stratified_pick(subjects, test_fraction, rng):
             assigned[s] = "test"
         subjects = subjects.drop(list(assigned))
-    # val is taken from subjects without a split plus those pre-assigned to train
+    # val is taken from subjects without a split plus those pre-assigned to train, unless a val split is given
+    has_val = bool((out["split"] == "val").any())
     train_pre = out[out["split"] == "train"]
-    pool = pd.concat([subjects, _subject_labels(train_pre)]) if len(train_pre) else subjects
+    pool = pd.concat([subjects, _subject_labels(train_pre)]) if len(train_pre) and not has_val else subjects
     pool = pool[~pool.index.duplicated()]
     n_total = out["subject_id"].nunique()
     frac = min(0.9, val_fraction * n_total / max(len(pool), 1)) if len(pool) else 0.0
-    if val_fraction > 0 and len(pool):
+    if val_fraction > 0 and len(pool) and not has_val:
         for s in _stratified_pick(pool, frac, rng):
             assigned[s] = "val"
     for s in pool.index:

@@ -68,7 +68,8 @@ def build_classifier(name: str, in_channels: int = 3, num_classes: int = 2, **kw
     if spatial_dims not in (2, 3):
         raise ValueError(f"{name}: spatial_dims must be 2 or 3, got {spatial_dims!r}")
     if name == "densenet121":
-        return DenseNet121(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=num_classes, pretrained=False, **kw)
+        return DenseNet121(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=num_classes,
+                           pretrained=False, **kw)
     if name == "efficientnet-b0":
         net = EfficientNetBN("efficientnet-b0", pretrained=False, progress=False, spatial_dims=spatial_dims,
                              in_channels=in_channels, num_classes=num_classes, **kw)
@@ -77,7 +78,8 @@ def build_classifier(name: str, in_channels: int = 3, num_classes: int = 2, **kw
         return net
     factory = resnet18 if name == "resnet18" else resnet50
     kw.setdefault("conv1_t_stride", 2)
-    return factory(pretrained=False, spatial_dims=spatial_dims, n_input_channels=in_channels, num_classes=num_classes, **kw)
+    return factory(pretrained=False, spatial_dims=spatial_dims, n_input_channels=in_channels, num_classes=num_classes,
+                   **kw)
 
 
 def gradcam_layer(name: str) -> str:

@@ -14,7 +14,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ __all__ = [
     "denoising_markdown",
     "denoising_table",
     "image_quality",
+    "mlflow_metrics",
     "write_denoising_report",
 ]
 

@@ -32,12 +32,14 @@ class BundleMLFlowHandler(MLFlowHandler):
     def attach(self, engine: Engine) -> None:
         super().attach(engine)
         # run before StatsHandler, whose exception handler re-raises and would stop the chain
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self.exception_raised)
         handlers = engine._event_handlers[Events.EXCEPTION_RAISED]
-        handlers.insert(0, (self.exception_raised, (), {}))
+        handlers.insert(0, handlers.pop())
 
     def start(self, engine: Engine) -> None:
         self._detach_duplicates(engine)
         super().start(engine)
+        self._raise_on_sigterm()
         if self.executed_config:
             from pipelines.tracking import save_executed_config
 
@@ -48,6 +50,21 @@ class BundleMLFlowHandler(MLFlowHandler):
                 saved = None
             if saved:
                 self.artifacts = tuple(a for a in self.artifacts if a) + (saved,)
+
+    @staticmethod
+    def _raise_on_sigterm() -> None:
+        """Turn SIGTERM (``kill``, a CI time-out) into an exception, so the run is ended FAILED, not left RUNNING."""
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+
+            def _terminate(signum, frame):
+                raise KeyboardInterrupt(f"terminated by signal {signum}")
+
+            signal.signal(signal.SIGTERM, _terminate)
 
     def _detach_duplicates(self, engine: Engine) -> None:
         for event, entries in list(engine._event_handlers.items()):
@@ -60,7 +77,8 @@ class BundleMLFlowHandler(MLFlowHandler):
             entries[:] = keep
 
     def exception_raised(self, engine: Engine, e: BaseException) -> None:
-        if self.cur_run is not None:
+        if self.cur_run is not None and not getattr(self, "_marked_failed", False):
+            self._marked_failed = True
             try:
                 self.client.set_terminated(self.cur_run.info.run_id, status="FAILED")
                 logger.error("MLflow run %s marked FAILED: %s", self.cur_run.info.run_id, e)

@@ -50,6 +50,7 @@ __all__ = [
     "CTInputError",
     "LoadCTImage",
     "LoadCTImaged",
+    "assign_subject_splits",
     "default_dataset",
     "detect_format",
     "dicom_slice_manifest",
@@ -377,10 +378,35 @@ def png_manifest(dataset_dir: str | os.PathLike, class_names: Sequence[str], gro
     })
 
 
-def _assign_splits(
-    df: pd.DataFrame, positive: str, val_fraction: float, test_fraction: float, seed: int, num_folds: int, fold: int
+def assign_subject_splits(
+    df: pd.DataFrame,
+    positive: str,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    seed: int = 0,
+    num_folds: int = 0,
+    fold: int = 0,
 ) -> pd.DataFrame:
-    """Fill ``split`` per subject, stratified by the subject's study label (positive if any study is)."""
+    """Fill ``split`` per subject, stratified by the subject's study label (positive if any of its studies is).
+
+    Within each label the subjects are shuffled with ``seed``; with ``num_folds`` = k >= 2 the subjects at
+    positions ``fold, fold + k, ...`` form the test split (so the folds of one seed partition the subjects),
+    otherwise the first ``round(n * test_fraction)`` (at least one when ``test_fraction > 0`` and the label has
+    >= 3 subjects). ``round(n * val_fraction)`` of the rest (at least one when there are >= 2) go to val.
+
+    Args:
+        df: manifest rows with ``subject_id`` and ``study_label``.
+        positive: the positive class name.
+        val_fraction, test_fraction: fractions of each label's subjects.
+        seed: shuffle seed.
+        num_folds, fold: k-fold test split (0 = hold-out).
+
+    Returns:
+        A copy of ``df`` with ``split`` set on every row.
+
+    Raises:
+        ManifestError: fractions out of range or a bad fold.
+    """
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise ManifestError(f"bad split fractions val={val_fraction} test={test_fraction}")
     if num_folds and (int(num_folds) != num_folds or num_folds < 2 or not 0 <= fold < num_folds):
@@ -465,7 +491,7 @@ def prepare_ct_data(
     fmt = detect_format(dataset_dir)
     df = dicom_slice_manifest(dataset_dir, class_names) if fmt == "phantom_dicom" else \
         png_manifest(dataset_dir, class_names, group_size)
-    df = _assign_splits(df, str(class_names[1]), val_fraction, test_fraction, seed, int(num_folds or 0), int(fold))
+    df = assign_subject_splits(df, str(class_names[1]), val_fraction, test_fraction, seed, int(num_folds or 0), int(fold))
     params = {
         "method": "subject-level, stratified by study label" + (f", {num_folds}-fold" if num_folds else ", hold-out"),
         "format": fmt, "val_fraction": val_fraction, "test_fraction": None if num_folds else test_fraction,

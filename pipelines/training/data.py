@@ -57,8 +57,6 @@ def prepare_data(
     seed: int = 0,
     check_images: bool = True,
     max_per_split: int | None = None,
-    group_duplicates: str | None = None,
-    duplicate_side: str = "train",
 ) -> dict:
     """Build the train/val/test data lists.
 
@@ -76,9 +74,6 @@ def prepare_data(
         seed: split seed.
         check_images: decode every 2D image up front, so an unreadable file fails before training, named.
         max_per_split: keep at most this many rows per split (stratified, deterministic; for smoke tests).
-        group_duplicates: ``"near"`` or ``"exact"``: keep duplicate images of one kind on one side of every
-            split (see :func:`group_duplicate_images`); None: no duplicate check.
-        duplicate_side: split given to duplicate groups that span pre-assigned splits (``train`` or ``test``).
 
     Returns:
         ``{"train": [...], "val": [...], "test": [...], "digest": str, "counts": dict, "manifest": DataFrame}``;
@@ -104,8 +99,6 @@ def prepare_data(
     else:
         raise ManifestError("no data: set dataset_dir (a class-folder tree) or manifest (a CSV)")
     df = validate_manifest(df, class_names=class_names, check_files=True)
-    if group_duplicates:
-        df = group_duplicate_images(df, kind=group_duplicates, side=duplicate_side)
     df = subject_split(df, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
     overlap = df.groupby("subject_id")["split"].nunique()
     if (overlap > 1).any():
@@ -113,12 +106,12 @@ def prepare_data(
     if max_per_split:
         parts = []
         for _split, g in df.groupby("split", sort=False):
-            if len(g) > max_per_split:
-                g = g.groupby("label", group_keys=False).apply(
-                    lambda x: x.sample(n=max(1, int(round(max_per_split * len(x) / len(g)))), random_state=seed)
-                    if len(x) > 1 else x
-                )
-            parts.append(g)
+            if len(g) <= max_per_split:
+                parts.append(g)
+                continue
+            for _label, gl in g.groupby("label", sort=True):
+                n = max(1, int(round(max_per_split * len(gl) / len(g))))
+                parts.append(gl.sample(n=min(n, len(gl)), random_state=seed))
         df = pd.concat(parts)
     for split in ("train", "val"):
         if not (df["split"] == split).any():
@@ -130,59 +123,13 @@ def prepare_data(
         for path in df.loc[df["image"].str.lower().str.endswith(_IMAGE_SUFFIXES), "image"].unique():
             load_grey_2d(path)
     if output_dir is not None:
-        extra = {"group_duplicates": group_duplicates, "duplicate_side": duplicate_side} if group_duplicates else {}
-        write_split(df, Path(output_dir) / "data", overwrite=True, source=Path(str(manifest or dataset_dir)).name,
-                    **extra)
+        write_split(df, Path(output_dir) / "data", overwrite=True, source=Path(str(manifest or dataset_dir)).name)
     counts = split_counts(df)
     for split, c in counts.items():
         logger.info("%s: %d images, %d subjects, %s", split or "(none)", c["images"], c["subjects"], c["images_per_label"])
     out = {s: _records(df[df["split"] == s], class_names) for s in ("train", "val", "test")}
     out.update({"digest": manifest_digest(df), "counts": counts, "manifest": df})
     return out
-
-
-def group_duplicate_images(df: pd.DataFrame, kind: str = "near", side: str = "train",
-                           max_distance: int = 4) -> pd.DataFrame:
-    """Keep duplicate images on one side of the split: subjects linked by a duplicate image become one subject.
-
-    Subjects sharing an exact (``kind="exact"``) or near (pHash, ``kind="near"``) duplicate image are merged
-    with :func:`pipelines.manifests.audit.pseudo_subjects`, so the subject-level split keeps them together. A
-    merged subject whose rows carry different pre-assigned splits (e.g. the Training and Testing folders of a
-    Kaggle tree) is moved wholly to ``side``, which is logged.
-
-    Args:
-        df: manifest with ``subject_id``, ``image`` (absolute paths) and ``split``.
-        kind: ``"near"`` or ``"exact"``.
-        side: ``"train"`` (the group joins the train/val pool) or ``"test"``.
-        max_distance: pHash Hamming distance (of 64 bits) for near duplicates.
-
-    Returns:
-        A copy with merged ``subject_id`` (originals in ``orig_subject_id``) and the moved rows' ``split``.
-
-    Raises:
-        ValueError: unknown ``kind`` or ``side``.
-    """
-    from pipelines.manifests.audit import pseudo_subjects
-
-    if kind not in ("near", "exact"):
-        raise ValueError(f"group_duplicates must be 'near', 'exact' or None, got {kind!r}")
-    if side not in ("train", "test"):
-        raise ValueError(f"duplicate_side must be 'train' or 'test', got {side!r}")
-    column = f"{kind}_group"
-    out = pseudo_subjects(df, groups_col=column, max_distance=max_distance)
-    out.attrs.update(df.attrs)
-    split = out["split"].fillna("").astype(str)
-    spans = out[split != ""].assign(split=split[split != ""]).groupby("subject_id")["split"].nunique()
-    crossing = spans.index[spans > 1]
-    moved = out["subject_id"].isin(crossing) & (split != side)
-    merged = int((out["subject_id"] != out["orig_subject_id"]).sum())
-    logger.info("%s duplicates: %d images in %d merged subjects", kind, merged,
-                out.loc[out["subject_id"] != out["orig_subject_id"], "subject_id"].nunique())
-    if len(crossing):
-        logger.warning("%d %s-duplicate group(s) spanned several splits: %d image(s) moved to %s", len(crossing),
-                       kind, int(moved.sum()), side)
-    out.loc[out["subject_id"].isin(crossing), "split"] = side
-    return out.drop(columns=[column])
 
 
 def make_sampler(records: Sequence[dict], balanced: bool, seed: int = 0, num_samples: int | None = None):

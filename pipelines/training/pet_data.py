@@ -34,7 +34,7 @@ import pandas as pd
 from pipelines.io.dicom import DicomSeriesError, find_series
 from pipelines.io.suv import SUVError, series_suv_factor
 from pipelines.manifests.schema import ManifestError, manifest_digest, read_manifest, resolve_paths, validate_manifest
-from pipelines.manifests.split import split_counts, subject_split, write_split
+from pipelines.manifests.split import split_counts, write_split
 from pipelines.phantoms.alzheimer import cache_root
 
 __all__ = [
@@ -60,9 +60,6 @@ _PRESETS = {
     "amyloid_pet-tiny": {"n_subjects": 12, "shape": (20, 32, 32)},
 }
 _PARTICIPANT_FILES = ("participants.csv", "participants.tsv")
-#: Columns :func:`build_pet_manifest` adds next to the project's manifest columns.
-SUV_COLUMNS = ("suv_factor", "suv_units", "suv_method", "decay_correction", "weight_kg", "injected_dose_bq",
-               "decay_time_s", "n_instances")
 
 
 # ------------------------------------------------------------------------------------------------ phantom

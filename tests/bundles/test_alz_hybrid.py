@@ -222,3 +222,34 @@ def test_tracking_flag_logs_into_the_same_single_run(tmp_path):
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     history = client.get_metric_history(runs[0].info.run_id, "val_macro_f1")
     assert len(history) == 1  # logged once, not once per handler
+
+
+def test_a_killed_training_ends_the_run_failed(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = bundle_env(tmp_path)
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", f"{CFG}/train.json", *TINY_DATA, *TINY,
+           "--epochs", "200", "--run_name", "killed-run", "--output_dir", str(tmp_path / "o"),
+           "--ckpt_dir", str(tmp_path / "m")]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = _client(env)
+    deadline = time.time() + 300
+    try:
+        run = None
+        while time.time() < deadline and run is None:
+            time.sleep(1)
+            exp = client.get_experiment_by_name("alz_hybrid") if (tmp_path / "mlruns" / "mlflow.db").exists() else None
+            runs = client.search_runs([exp.experiment_id]) if exp else []
+            run = runs[0] if runs else None
+        assert run is not None, "training never opened its MLflow run"
+        time.sleep(2)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert client.get_run(run.info.run_id).info.status == "FAILED"

@@ -1,4 +1,4 @@
-"""alz_hybrid network overlays (vit.json, teacher_resnet50.json, deit.json + deit_distill.json).
+"""alz_hybrid network overlays (vit.json, teacher_resnet50.json, deit_distill.json + inference_deit.json).
 
 The slow tests run the real ``python -m monai.bundle`` on the tiny phantom with tiny sizes set by config ids; the
 fast ones check that each overlay merges with train/evaluate/inference and builds the intended network.
@@ -54,12 +54,15 @@ def _md5(path) -> str:
 
 # -- fast: the overlays merge and build the right network --------------------------------------------------------
 @pytest.mark.parametrize(
-    ("overlay", "cls", "ckpt_dir"),
-    [("vit.json", ViTClassifier, "models/vit"), ("deit.json", DeiTClassifier, "models/deit")],
+    ("names", "cls", "ckpt_dir"),
+    [
+        (("train.json", "vit.json", "evaluate.json"), ViTClassifier, "models/vit"),
+        (("inference.json", "vit.json"), ViTClassifier, "models/vit"),
+        (("train.json", "deit_distill.json", "evaluate.json"), DeiTClassifier, "models/deit"),
+        (("inference.json", "inference_deit.json"), DeiTClassifier, "models/deit"),
+    ],
 )
-@pytest.mark.parametrize("base", [("train.json", "evaluate.json"), ("inference.json",)])
-def test_network_overlay_builds_its_network_in_train_evaluate_and_inference(base, overlay, cls, ckpt_dir):
-    names = (base[0], overlay, *base[1:])
+def test_network_overlay_builds_its_network_in_train_evaluate_and_inference(names, cls, ckpt_dir):
     parser = _parser(*names, image_size=32, vit_patch_size=8, vit_hidden_size=32, vit_layers=1, vit_heads=2,
                      vit_mlp_dim=64)
     net = parser.get_parsed_content("network_def")
@@ -77,8 +80,15 @@ def test_teacher_overlay_builds_a_monai_resnet50_with_a_stride_two_stem(base):
     assert {k: v.shape for k, v in net.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
 
 
+def test_deit_inference_overlay_matches_the_distillation_overlay():
+    train, infer = _parser("train.json", "deit_distill.json"), _parser("inference.json", "inference_deit.json")
+    for key in ("network_def", "vit_patch_size", "vit_hidden_size", "vit_layers", "vit_heads", "vit_mlp_dim",
+                "ckpt_dir", "ckpt_path", "dropout", "image_size", "class_names"):
+        assert train.get(key) == infer.get(key), key
+
+
 def test_distill_overlay_wires_trainer_loss_and_tracked_settings():
-    parser = _parser("train.json", "deit.json", "deit_distill.json")
+    parser = _parser("train.json", "deit_distill.json")
     assert parser.get("train#trainer#_target_") == "pipelines.training.distill.DistillationTrainer"
     assert parser.get("train#trainer#loss_function") == "@distill_loss"
     assert parser.get("distill_loss#base_loss") == "@loss_fn"  # the bundle's own loss (smoothing, weights) on [CLS]
@@ -126,7 +136,7 @@ def test_deit_distills_from_a_teacher_checkpoint_and_predicts(tmp_path):
     teacher_md5 = _md5(teacher_ckpt)
 
     models = tmp_path / "deit"
-    run_monai_bundle("run", "--config_file", _files("train.json", "deit.json", "deit_distill.json"), *TINY_DATA,
+    run_monai_bundle("run", "--config_file", _files("train.json", "deit_distill.json"), *TINY_DATA,
                      *COMMON, *TINY_VIT, *TINY_TEACHER, "--teacher_ckpt", str(teacher_ckpt), "--distill_mode", "soft",
                      "--distill_tau", "2.0", "--epochs", "1", "--output_dir", str(tmp_path / "deit_out"),
                      "--ckpt_dir", str(models), env=env)
@@ -149,7 +159,7 @@ def test_deit_distills_from_a_teacher_checkpoint_and_predicts(tmp_path):
     finally:
         os.environ.pop("NEURO_MONAI_CACHE")
     out = tmp_path / "inference"
-    run_monai_bundle("run", "--config_file", _files("inference.json", "deit.json"), *COMMON, *TINY_VIT,
+    run_monai_bundle("run", "--config_file", _files("inference.json", "inference_deit.json"), *COMMON, *TINY_VIT,
                      "--ckpt_path", str(models / "model.pt"), "--input_path", volume, "--output_dir", str(out), env=env)
     study = json.loads((out / "predictions.json").read_text())["studies"][0]
     assert study["n_slices"] > 5

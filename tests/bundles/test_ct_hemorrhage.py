@@ -67,20 +67,23 @@ def test_phantom_split_is_by_subject_and_stratified_by_study_label(tiny_phantom,
     assert params["method"] == "subject-level, stratified by study label, hold-out" and params["seed"] == 0
 
 
-def test_png_groups_of_consecutive_ids_stay_together_and_folds_partition_the_set():
+def test_png_groups_of_consecutive_ids_stay_together_and_folds_partition_the_set(tmp_path):
     root = shared_dataset("head_ct_hemorrhage_png")
+    data = ct_data.prepare_ct_data(CLASSES, root, output_dir=tmp_path, num_folds=5, fold=0, val_fraction=0.1)
+    df = pd.read_csv(tmp_path / "data" / "manifest.csv")
+    assert (df.groupby("subject_id")["split"].nunique() == 1).all()
+    assert df.groupby("subject_id")["source_id"].agg(lambda s: len({int(i) // 5 for i in s})).eq(1).all()
+    assert len(data["test"]) == 20 and len(data["val"]) == 10 and len(data["train"]) == 70
+    assert json.loads((tmp_path / "data" / "split.json").read_text())["params"]["num_folds"] == 5
+    base = ct_data.png_manifest(root, CLASSES)
     tests = []
     for fold in range(5):
-        data = ct_data.prepare_ct_data(CLASSES, root, num_folds=5, fold=fold, val_fraction=0.1, seed=0)
-        df = data["manifest"]
-        assert (df.groupby("subject_id")["split"].nunique() == 1).all()
-        groups = df.groupby("subject_id")["source_id"].agg(lambda s: sorted(set(int(i) // 5 for i in s)))
-        assert all(len(g) == 1 for g in groups)
-        test = df[df["split"] == "test"]
+        split = ct_data.assign_subject_splits(base, "hemorrhage", val_fraction=0.1, num_folds=5, fold=fold)
+        test = split[split["split"] == "test"]
         assert test["label"].value_counts().to_dict() == {"hemorrhage": 10, "normal": 10}
-        tests.append(set(test["source_id"].astype(int)))
-    assert set().union(*tests) == set(range(50)) | set(range(100, 150))
-    assert sum(len(t) for t in tests) == 100
+        tests.append(set(test["source_id"]))
+    assert set().union(*tests) == set(range(50)) | set(range(100, 150)) and sum(map(len, tests)) == 100
+    assert tests[0] == {int(r["image"][-7:-4]) for r in data["test"]}
 
 
 def test_png_images_are_loaded_as_grey_in_the_8_bit_range():
@@ -104,16 +107,17 @@ def test_unknown_dataset_layout_is_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize("name", CLASSIFIER_NAMES)
 def test_every_network_returns_two_logits_and_has_its_gradcam_layer(name):
-    net = build_classifier(name, 3, 2).eval()
+    kw = TINY_NET if name == "densenet121" else {"widen_factor": 0.25} if name.startswith("resnet") else {}
+    net = build_classifier(name, 3, 2, **kw).eval()
     with torch.no_grad():
-        assert tuple(net(torch.rand(2, 3, 64, 64)).shape) == (2, 2)
+        assert tuple(net(torch.rand(2, 3, 32, 32)).shape) == (2, 2)
     assert gradcam_layer(name) in dict(net.named_modules())
 
 
 @pytest.mark.parametrize("name", ["densenet121", "efficientnet-b0"])
 def test_bundle_networks_script_to_the_same_output(name):
-    net = build_classifier(name, 3, 2).eval()
-    x = torch.rand(2, 3, 64, 64)
+    net = build_classifier(name, 3, 2, **(TINY_NET if name == "densenet121" else {})).eval()
+    x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(torch.jit.script(net)(x), net(x), atol=1e-5, rtol=1e-5)
 

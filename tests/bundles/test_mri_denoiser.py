@@ -53,8 +53,9 @@ def test_short_training_raises_psnr_on_held_out_noisy_phantoms(trained):
     assert list(t.index) == ["0.1", "0.2", "0.3", "0.4", "0.5", "all"]
     assert t["n_images"].loc["all"] == 5 * t["n_images"].loc["0.1"] > 0
     pooled = t.loc["all"]
-    assert pooled["psnr_denoised"] > pooled["psnr_noisy"] + 1.0
-    # at the strongest noise the whole 95 % CI of the paired gain is above zero
+    assert pooled["psnr_denoised"] > pooled["psnr_noisy"]
+    # the whole 95 % CI of the paired gain is above zero, pooled and at the strongest noise
+    assert pooled["psnr_gain_ci_low"] > 0
     assert t.loc["0.5", "psnr_gain_ci_low"] > 0
     assert t.loc["0.5", "ssim_denoised"] > t.loc["0.5", "ssim_noisy"]
     for col in ("psnr_noisy", "psnr_denoised", "ssim_denoised"):
@@ -125,9 +126,9 @@ def test_inference_denoises_a_folder_of_images(trained):
     assert (table["psnr_denoised"] > table["psnr_noisy"]).mean() >= 0.75
 
 
-def test_metadata_verifies_against_the_schema(tmp_path):
+def test_metadata_verifies_against_the_schema():
     if not SHARED_SCHEMA.is_file():
         pytest.skip("bundle metadata schema not available")
-    proc = run_monai_bundle("verify_metadata", "--meta_file", f"{CFG}/metadata.json", "--filepath",
-                            str(SHARED_SCHEMA), env=bundle_env(tmp_path))
-    assert "verified with no error" in proc.stdout + proc.stderr
+    from monai.bundle import verify_metadata
+
+    verify_metadata(meta_file=str(REPO_ROOT / CFG / "metadata.json"), filepath=str(SHARED_SCHEMA))  # raises if invalid

@@ -121,7 +121,7 @@ def test_train_run_finishes_with_the_recipe_params(trained):
     assert (p["network"], p["optimizer"], p["learning_rate"], p["weight_decay"]) == ("resnet18", "Adam", "0.0001",
                                                                                        "0.0001")
     assert (p["lr_factor"], p["lr_patience"], p["early_stop_patience"]) == ("0.1", "3", "2")
-    assert p["n_test_images"] == "16" and p["group_duplicates"] == "near"
+    assert p["n_test_images"] == "16" and p["n_train_images"] == "40"
     history = trained["client"].get_metric_history(train.info.run_id, "val_accuracy")
     assert 1 <= len(history) <= 2  # early stopping (patience 2) may end before epoch 2; never after
     assert (trained["root"] / "models" / "resnet18" / "model.pt").is_file()
@@ -168,3 +168,24 @@ def test_inference_predicts_each_subject_from_the_trained_checkpoint(trained, tm
     for study in out["studies"]:
         assert study["study"].startswith("sub-")
         assert sum(study["probabilities"].values()) == pytest.approx(1.0)
+
+
+# -- real data: the audited split of the Kaggle tumour subset -------------------------------------------------------
+REAL_SPLIT = REPO_ROOT / "data_manifests" / "brain_tumor_mri_4class" / "splits" / "pseudo-near4-holdout" / "manifest.csv"
+
+
+@pytest.mark.realdata
+def test_real_split_keeps_near_duplicate_groups_on_one_side(tmp_path):
+    from tests.conftest import shared_dataset
+
+    shared_dataset("brain_tumor_mri_4class")
+    if not REAL_SPLIT.is_file():
+        pytest.skip(f"split manifest not found: {REAL_SPLIT}")
+    parser = _parser("train", manifest=str(REAL_SPLIT), dataset_dir=None, output_dir=str(tmp_path))
+    data = parser.get_parsed_content("data")
+    df = data["manifest"]
+    assert len(df) == 800
+    assert {k: v["images"] for k, v in data["counts"].items()} == {"train": 501, "val": 120, "test": 179}
+    # near-duplicate groups (pHash, D = 4) never span two splits, and no subject does
+    assert df.groupby("near_group")["split"].nunique().max() == 1
+    assert df.groupby("subject_id")["split"].nunique().max() == 1

@@ -104,3 +104,14 @@ def test_each_bundle_without_sdk_equals_bundle_inference(bundle_case, tmp_path):
     np.testing.assert_allclose([[s["probabilities"][c] for c in names] for s in result["slices"]], ref["slice_probs"],
                                atol=1e-5)
     assert json.loads((tmp_path / "output.json").read_text()) == result
+
+
+def test_cli_without_sdk_runs_the_same_logic(alz_case, tmp_path, monkeypatch, mr_result):
+    import pipelines.deploy.app as app
+
+    monkeypatch.setattr(app, "sdk_available", lambda: False)
+    monkeypatch.setenv("NEURO_DEPLOY_OVERRIDES", json.dumps(ALZ_TINY))
+    code = app.main("alz_hybrid", ["-i", str(alz_case.series), "-o", str(tmp_path), "-m", str(alz_case.model_ts)])
+    assert code == 0
+    assert json.loads((tmp_path / "output.json").read_text())["study"] == mr_result["study"]
+    assert len(list(tmp_path.glob("*.dcm"))) == 1

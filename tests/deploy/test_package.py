@@ -16,13 +16,15 @@ def test_every_app_has_main_yaml_and_requirements(bundle):
     app = REPO_ROOT / "pipelines" / "deploy" / bundle
     assert f'main("{bundle}")' in (app / "__main__.py").read_text()
     requirements = (app / "requirements.txt").read_text().splitlines()
-    assert {"monai-deploy-app-sdk==4.0.0", "holoscan-cu13==4.2.0", "torch==2.13.0", "highdicom==0.28.2"} <= set(requirements)
+    pins = {"monai-deploy-app-sdk==4.0.0", "holoscan-cu13==4.2.0", "torch==2.13.0", "highdicom==0.28.2"}
+    assert pins <= set(requirements)
     assert (REPO_ROOT / "bundles" / bundle / "configs" / "inference.json").is_file()
 
 
 @pytest.mark.parametrize("bundle", sorted(APP_SPECS))
 def test_app_yaml_passes_the_holoscan_packager_reader(bundle):
-    reader = pytest.importorskip("holoscan_cli.packager.config_reader", reason="holoscan-cli not installed")
+    reader = pytest.importorskip("holoscan_cli.packager.config_reader", reason="holoscan-cli not installed",
+                                 exc_type=ImportError)
     config = reader.ApplicationConfiguration()
     config.read(REPO_ROOT / "pipelines" / "deploy" / bundle / "app.yaml")
     assert config._application_object["input-formats"] == ["file"]

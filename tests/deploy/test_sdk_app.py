@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 
-pytest.importorskip("monai.deploy.core", reason="MONAI Deploy App SDK not installed (pip install -e '.[deploy]')")
-pytest.importorskip("monai.deploy.operators")
+pytest.importorskip("monai.deploy.core", reason="MONAI Deploy App SDK not installed (pip install -e '.[deploy]')",
+                    exc_type=ImportError)
+pytest.importorskip("monai.deploy.operators", exc_type=ImportError)
 
 from pipelines.deploy.app import main, make_app  # noqa: E402
 from pipelines.deploy.classifier import DeployError  # noqa: E402

@@ -251,7 +251,8 @@ def test_train_and_compare_links_runs_and_skips_failures(store, tmp_path, monkey
         exp = client.get_experiment_by_name(args["--experiment_name"])
         exp_id = exp.experiment_id if exp else client.create_experiment(args["--experiment_name"])
         net = "net_a" if "net_a" in args["--config_file"] else "net_b" if "net_b" in args["--config_file"] else None
-        if net is None:
+        if net is None:  # a crashed training process leaves its run RUNNING
+            client.create_run(exp_id, run_name=args["--run_name"])
             return 1
         if "--run_name" in args:
             _train_run(client, exp_id, net, args["--learning_rate"], 3, 100, run_name=args["--run_name"])
@@ -271,4 +272,6 @@ def test_train_and_compare_links_runs_and_skips_failures(store, tmp_path, monkey
     assert [t.data.params["network"] for t in trains] == ["net_a", "net_b"]
     assert len({r.data.tags["comparison_group"] for r in evals + trains}) == 1
     assert "Failed (not in the table): broken" in result.markdown
+    broken = client.search_runs([evals[0].info.experiment_id], "attributes.run_name LIKE 'fake_bundle-broken-train-%'")
+    assert [r.info.status for r in broken] == ["FAILED"]
     assert math.isclose(result.table["wall_time_s"].iloc[0], 20.0)
