@@ -287,6 +287,13 @@ def _fmt(v: Any, lo: Any, hi: Any) -> str:
     return f"{v:.3f} [{lo:.3f}, {hi:.3f}]" if math.isfinite(lo) else f"{v:.3f}"
 
 
+def _count(v: Any) -> str:
+    try:
+        return str(int(v))
+    except (TypeError, ValueError):
+        return "–"
+
+
 def sweep_markdown(table: Any, title: str, notes: Sequence[str] = ()) -> str:
     """Markdown of a sweep table: one row per combination, metrics as ``value [CI]``."""
     lines = [f"# {title}", ""] + [f"- {n}" for n in notes] + ([""] if notes else [])
@@ -296,7 +303,7 @@ def sweep_markdown(table: Any, title: str, notes: Sequence[str] = ()) -> str:
         cells = [f"`{r['combination']}`", r["status"]] + [
             _fmt(r.get(c), r.get(f"{c}_ci_low"), r.get(f"{c}_ci_high"))
             for c in ("sensitivity", "specificity", "accuracy", "auc")
-        ] + [str(r.get("n_test") if r.get("n_test") == r.get("n_test") else "–"), f"{r['wall_s']:.0f}"]
+        ] + [_count(r.get("n_test")), f"{r['wall_s']:.0f}"]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -379,7 +386,6 @@ def _sweep(root: Path, tags: list[str], out: Path, uri: str, experiment: str, pa
                 "mlflow.parentRunId": pid, "enhancement": tag, "stage": "sweep-child", "bundle": root.name})
             cid = child.info.run_id
             child_ids.append(cid)
-            client.log_param(cid, "enhancement", tag)
             common = {**overrides, "enhancement": kw, "experiment_name": experiment, "tracking_uri": uri,
                       "run_name": child_name, "output_dir": str(work / "train"), "ckpt_dir": str(work / "models")}
             row: dict[str, Any] = {"combination": tag, "status": "FAILED", "run_id": cid}

@@ -31,6 +31,8 @@ __all__ = [
     "bootstrap_ci",
     "evaluate_predictions",
     "metrics_table",
+    "wilson_interval",
+    "proportion_cis",
 ]
 
 SUMMARY_METRICS = ("accuracy", "balanced_accuracy", "macro_specificity", "macro_f1", "weighted_f1", "macro_auc")
@@ -188,6 +190,7 @@ def evaluate_predictions(
     return {
         "metrics": point,
         "ci": {key: [float(lo), float(hi)] for key, (lo, hi) in ci.items()},
+        "ci_wilson": proportion_cis(cm, names, alpha),
         "confusion_matrix": cm,
         "support": {name: int(sum(cm[k])) for k, name in enumerate(names)},
         "class_names": names,
@@ -198,6 +201,41 @@ def evaluate_predictions(
     }
 
 
+def wilson_interval(successes: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion (NaN when ``n == 0``).
+
+    Unlike a bootstrap percentile interval it does not collapse to a point when every trial succeeded:
+    6 of 6 correct gives [0.61, 1.00] at 95 %, which is what 6 images can tell.
+    """
+    if n <= 0:
+        return (math.nan, math.nan)
+    from scipy.stats import norm
+
+    z = float(norm.ppf(1.0 - alpha / 2.0))
+    p = successes / n
+    denom = 1.0 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def proportion_cis(cm: Sequence[Sequence[int]], class_names: Sequence[str], alpha: float = 0.05) -> dict[str, list[float]]:
+    """Wilson intervals of the metrics that are binomial proportions of the confusion matrix ``cm`` (rows = true):
+    accuracy and, per class, precision, recall (sensitivity) and specificity."""
+    m = np.asarray(cm, dtype=np.int64)
+    total = int(m.sum())
+    out = {"accuracy": list(wilson_interval(int(np.trace(m)), total, alpha))}
+    for k, name in enumerate(class_names):
+        tp = int(m[k, k])
+        fn = int(m[k].sum()) - tp
+        fp = int(m[:, k].sum()) - tp
+        tn = total - tp - fn - fp
+        out[f"precision/{name}"] = list(wilson_interval(tp, tp + fp, alpha))
+        out[f"recall/{name}"] = list(wilson_interval(tp, tp + fn, alpha))
+        out[f"specificity/{name}"] = list(wilson_interval(tn, tn + fp, alpha))
+    return out
+
+
 def metrics_table(result: dict[str, Any]) -> pd.DataFrame:
     """One row per scalar metric of an :func:`evaluate_predictions` result.
 
@@ -205,10 +243,12 @@ def metrics_table(result: dict[str, Any]) -> pd.DataFrame:
         DataFrame with columns ``metric``, ``value``, ``ci_low``, ``ci_high`` in the result's metric order.
     """
     rows = []
+    wilson = result.get("ci_wilson", {})
     for key, value in result["metrics"].items():
         lo, hi = result.get("ci", {}).get(key, (math.nan, math.nan))
-        rows.append({"metric": key, "value": value, "ci_low": lo, "ci_high": hi})
-    return pd.DataFrame(rows, columns=["metric", "value", "ci_low", "ci_high"])
+        wlo, whi = wilson.get(key, (math.nan, math.nan))
+        rows.append({"metric": key, "value": value, "ci_low": lo, "ci_high": hi, "wilson_low": wlo, "wilson_high": whi})
+    return pd.DataFrame(rows, columns=["metric", "value", "ci_low", "ci_high", "wilson_low", "wilson_high"])
 
 
 def _to_numpy(x: Any) -> np.ndarray:

@@ -97,6 +97,8 @@ def classification_report_table(result: dict[str, Any]) -> pd.DataFrame:
             row[metric] = metrics[key]
             row[f"{metric}_ci_low"] = lo
             row[f"{metric}_ci_high"] = hi
+            if key in result.get("ci_wilson", {}):
+                row[f"{metric}_wilson_low"], row[f"{metric}_wilson_high"] = result["ci_wilson"][key]
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -138,12 +140,17 @@ def markdown_table(result: dict[str, Any], per_class: bool = True, digits: int =
     level = 100.0 * (1.0 - float(result.get("alpha", 0.05)))
     metrics, ci = result["metrics"], result.get("ci", {})
 
+    wilson = result.get("ci_wilson", {})
+
     def cell(key: str) -> str:
         lo, hi = ci.get(key, (math.nan, math.nan))
-        return f"{_fmt(metrics[key], digits)} [{_fmt(lo, digits)}, {_fmt(hi, digits)}]"
+        text = f"{_fmt(metrics[key], digits)} [{_fmt(lo, digits)}, {_fmt(hi, digits)}]"
+        if key in wilson:  # proportions: the Wilson interval does not collapse on small, all-correct classes
+            text += f" W[{_fmt(wilson[key][0], digits)}, {_fmt(wilson[key][1], digits)}]"
+        return text
 
     lines = [
-        f"| metric | value [{level:g}% CI] |",
+        f"| metric | value [{level:g}% bootstrap CI] W[Wilson CI, proportions only] |",
         "|---|---|",
         *(f"| {key} | {cell(key)} |" for key in SUMMARY_METRICS if key in metrics),
     ]

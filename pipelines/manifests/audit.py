@@ -392,6 +392,9 @@ def audit(df: pd.DataFrame | str | Path, near: bool = True, root: str | Path | N
     if isinstance(df, (str, Path)):
         df = pd.read_csv(df, sep="\t" if str(df).endswith(".tsv") else ",")
     _check_columns(df, REQUIRED_COLUMNS)
+    # a manifest that was audited before carries group columns of its own: recompute them
+    df = df.drop(columns=[c for c in ("exact_group", "near_group", "exact_group_size", "near_group_size",
+                                      "pixel_hash", "phash") if c in df.columns])
     table = df.assign(split=df["split"].astype(str), subject_id=df["subject_id"].astype(str),
                       image=df["image"].astype(str)).reset_index(drop=True)
     order = _ordered_splits(table["split"])

@@ -2,5 +2,6 @@
 
 from pipelines.networks.hybrid import CNNViTHybrid
 from pipelines.networks.vit import ViTClassifier
+from pipelines.networks.deit import DeiTClassifier
 
-__all__ = ["CNNViTHybrid", "ViTClassifier"]
+__all__ = ["CNNViTHybrid", "DeiTClassifier", "ViTClassifier"]

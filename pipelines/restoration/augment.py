@@ -517,7 +517,8 @@ def compare_augmentation(
     :func:`pipelines.evaluation.compare.compare_runs`.
 
     Both manifests must hold the same val/test rows (the generator guarantees it), so both models are
-    evaluated on the same images. Checkpoints and outputs of each variant go to ``out_dir/<variant>/``.
+    evaluated on the same images. Checkpoints, training outputs and the evaluation report of each variant
+    go to ``out_dir/<variant>/{models,train,eval}`` (config ids ``ckpt_dir``, ``output_dir``, ``eval_dir``).
 
     Returns:
         The :class:`pipelines.evaluation.compare.Comparison`.
@@ -546,7 +547,8 @@ def compare_augmentation(
     eval_ids = []
     for variant, manifest in (("original", original_manifest), ("augmented", augmented_manifest)):
         ov = {**(overrides or {}), "manifest": str(Path(manifest).resolve()),
-              "output_dir": str((out / variant / "train").resolve()), "ckpt_dir": str((out / variant / "models").resolve())}
+              "output_dir": str((out / variant / "train").resolve()), "ckpt_dir": str((out / variant / "models").resolve()),
+              "eval_dir": str((out / variant / "eval").resolve())}
         plan = cmp.bundle_commands(root, network, f"{variant}-{stamp}", experiment, ov)
         code = run(plan["train"]) or run(plan["evaluate"])
         if code != 0:
@@ -554,8 +556,14 @@ def compare_augmentation(
         eval_run = cmp._run_by_name(client, experiment, plan["eval_run_name"])
         if eval_run is None:
             raise RuntimeError(f"{variant}: no MLflow run {plan['eval_run_name']!r} in experiment {experiment}")
-        client.set_tag(eval_run.info.run_id, "augmentation", "restoration" if variant == "augmented" else "none")
-        eval_ids.append(eval_run.info.run_id)
+        rid = eval_run.info.run_id
+        # a param differing between the runs becomes a column of the comparison table
+        client.log_param(rid, "training_set", variant)
+        client.set_tag(rid, "augmentation", "restoration" if variant == "augmented" else "none")
+        train_run = cmp._run_by_name(client, experiment, plan["train_run_name"])
+        if train_run is not None:
+            client.set_tag(rid, "train_run_id", train_run.info.run_id)
+        eval_ids.append(rid)
     return cmp.compare_runs(tracking_uri, experiment, run_ids=eval_ids, out_dir=out,
                             metrics=["macro_auc", "accuracy", "balanced_accuracy", "macro_f1"],
                             title=f"{root.name}/{network}: original vs restoration-augmented training set")

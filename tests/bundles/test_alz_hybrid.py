@@ -253,3 +253,11 @@ def test_a_killed_training_ends_the_run_failed(tmp_path):
             proc.kill()
     assert proc.returncode != 0
     assert client.get_run(run.info.run_id).info.status == "FAILED"
+
+
+def test_network_input_output_verifies_against_the_metadata(tmp_path):
+    proc = run_monai_bundle(
+        "verify_net_in_out", "network_def", "--meta_file", f"{CFG}/metadata.json",
+        "--config_file", f"{CFG}/inference.json", env=bundle_env(tmp_path),
+    )
+    assert "verified with no error" in proc.stdout + proc.stderr

@@ -85,8 +85,8 @@ def test_sweep_creates_one_parent_and_one_child_run_per_combination(phantom_cach
     overrides = {"dataset_dir": TINY_PHANTOM, "epochs": 1, "image_size": 32, "batch_size": 16, "num_workers": 0,
                  "network_params": {"widen_factor": 0.125}, "n_bootstrap": 50, "tta_policies": ["none"],
                  "explain_per_class": 0}
-    result = run_sweep(["none", "clahe"], tmp_path / "sweep", overrides=overrides, tracking_uri=uri,
-                       grid_name="tiny")
+    combos = ["none", "clahe+median11+overlap4/-4"]
+    result = run_sweep(combos, tmp_path / "sweep", overrides=overrides, tracking_uri=uri, grid_name="tiny")
     client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name("alz_binary")
     runs = client.search_runs(exp.experiment_id)
@@ -96,19 +96,21 @@ def test_sweep_creates_one_parent_and_one_child_run_per_combination(phantom_cach
     assert parents[0].info.status == "FINISHED" and parents[0].data.tags["stage"] == "sweep"
     assert len(children) == 2
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {result["parent_run_id"]}
-    assert sorted(c.data.tags["enhancement"] for c in children) == ["clahe", "none"]
+    assert sorted(c.data.tags["enhancement"] for c in children) == sorted(combos)
     for c in children:
         assert c.info.status == "FINISHED"
+        # the bundle's tracked param keeps the whole tag (run_params would cut a '/' as a path separator)
+        assert c.data.params["enhancement"] == c.data.tags["enhancement"].replace("/", ":")
         # training (per epoch) and test evaluation (with CIs) land in the same child run
         assert {"train_loss", "val_auc", "macro_auc", "macro_auc_ci_low", "accuracy_ci_high"} <= set(c.data.metrics)
     table = pd.read_csv(tmp_path / "sweep" / "sweep.csv")
-    assert list(table["combination"]) == ["none", "clahe"] and set(table["status"]) == {"FINISHED"}
+    assert list(table["combination"]) == combos and set(table["status"]) == {"FINISHED"}
     for col in ("sensitivity", "specificity", "accuracy", "auc"):
         assert table[col].between(0, 1).all()
         assert (table[f"{col}_ci_low"] <= table[col] + 1e-9).all()
     arts = {a.path for a in client.list_artifacts(result["parent_run_id"])}
     assert {"sweep.csv", "sweep.md"} <= arts
-    assert "| `clahe` | FINISHED |" in (tmp_path / "sweep" / "sweep.md").read_text()
+    assert "| `clahe+median11+overlap4/-4` | FINISHED |" in (tmp_path / "sweep" / "sweep.md").read_text()
 
 
 def test_bundle_metadata_verifies_against_the_schema():

@@ -214,4 +214,4 @@ def test_write_evaluation_tables_hold_point_estimates_and_cis(tmp_path):
     assert table.loc["macro_f1", "ci_low"] == pytest.approx(result["ci"]["macro_f1"][0])
     md = markdown_table(result)
     lo, hi = result["ci"]["accuracy"]
-    assert f"| accuracy | {result['metrics']['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] |" in md
+    assert f"| accuracy | {result['metrics']['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] W[" in md

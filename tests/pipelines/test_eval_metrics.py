@@ -159,10 +159,34 @@ def test_evaluate_predictions_and_metrics_table_agree():
     y, p = _fake_predictions(200, seed=9)
     result = evaluate_predictions(y, p, NAMES4, n_resamples=100, seed=0)
     table = metrics_table(result)
-    assert list(table.columns) == ["metric", "value", "ci_low", "ci_high"]
+    assert list(table.columns) == ["metric", "value", "ci_low", "ci_high", "wilson_low", "wilson_high"]
     assert list(table["metric"]) == list(result["metrics"])
     row = table.set_index("metric").loc["macro_auc"]
     assert row["value"] == pytest.approx(skm.roc_auc_score(y, p, multi_class="ovr"))
     assert [row["ci_low"], row["ci_high"]] == result["ci"]["macro_auc"]
     assert result["support"] == {name: int((y == k).sum()) for k, name in enumerate(NAMES4)}
     assert result["n_samples"] == 200
+
+
+def test_wilson_interval_matches_known_values_and_does_not_collapse():
+    from pipelines.evaluation.metrics import wilson_interval
+
+    lo, hi = wilson_interval(6, 6)
+    assert lo == pytest.approx(0.6097, abs=1e-3) and hi == 1.0
+    lo, hi = wilson_interval(5, 10)
+    assert (lo, hi) == (pytest.approx(0.2366, abs=1e-3), pytest.approx(0.7634, abs=1e-3))
+
+
+def test_small_all_correct_class_gets_an_honest_interval():
+    """6 rare-class images all right: the stratified bootstrap collapses to [1, 1], Wilson does not."""
+    from pipelines.evaluation.metrics import evaluate_predictions
+
+    y = np.array([0] * 50 + [1] * 6)
+    probs = np.zeros((56, 2))
+    probs[np.arange(56), y] = 0.9
+    probs[np.arange(56), 1 - y] = 0.1
+    probs[:5] = [0.2, 0.8]  # five majority-class errors
+    res = evaluate_predictions(y, probs, ["common", "rare"], n_resamples=200)
+    assert res["ci"]["recall/rare"] == [1.0, 1.0]
+    assert res["ci_wilson"]["recall/rare"][0] < 0.65
+    assert res["ci_wilson"]["accuracy"][0] < res["metrics"]["accuracy"] < res["ci_wilson"]["accuracy"][1]
