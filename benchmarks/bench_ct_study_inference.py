@@ -5,7 +5,8 @@ Usage:
         [--network densenet121] [--repeats 3] [--threads 2] [--gradcam]
 
 A synthetic 40-slice head-CT series (``pipelines.phantoms.head_ct``, 5 mm slices, haemorrhage on some slices) is
-written to a temporary folder. In the same process, best of ``--repeats`` runs each (the two paths alternate) after one untimed warm-up:
+written to a temporary folder. In the same process, best of ``--repeats`` runs each (the two paths alternate)
+after one untimed warm-up:
 
 * **study**: ``CTStudyPredictor.run(folder, out)`` built from the bundle's ``inference.json`` (series scan, load,
   per-slice preprocessing, batched forward, study aggregation, atomic CSV + JSON; Grad-CAM only with
@@ -60,7 +61,8 @@ def bare_forward(network: torch.nn.Module, folder: Path, image_size: int, batch_
     """load_series + vectorised multi-window + resize + no_grad forward; (N, C) softmax probabilities."""
     vol = load_series(folder)
     hu = torch.from_numpy(vol.array).transpose(1, 2)[:, None]  # (z, 1, x, y), the training layout
-    chans = [((hu - (lv - wd / 2)) / wd).clamp(0, 1) for lv, wd in (CT_WINDOW_PRESETS[w] for w in ("brain", "subdural", "bone"))]
+    windows = [CT_WINDOW_PRESETS[w] for w in ("brain", "subdural", "bone")]
+    chans = [((hu - (level - width / 2)) / width).clamp(0, 1) for level, width in windows]
     x = torch.cat(chans, dim=1).contiguous()  # the transpose above leaves a permuted layout that slows conv
     if tuple(x.shape[-2:]) != (image_size, image_size):
         x = F.interpolate(x, size=(image_size, image_size), mode="area")

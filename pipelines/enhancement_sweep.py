@@ -7,10 +7,10 @@ VeryMild + Mild + Moderate vs NonDemented), each as an MLflow **child run** (tag
 of one parent run. The table (sensitivity, specificity, accuracy and AUC on the test split, each with a
 stratified-bootstrap 95 % CI) is written as ``sweep.csv`` / ``sweep.md`` and logged to the parent::
 
-    python -m pipelines enhance-sweep --grid steps --out outputs/enhance_sweep            # tiny CPU settings
-    python -m pipelines enhance-sweep --combos none clahe inv+open+clahe+median11+overlap4/-4 --epochs 5
-    python -m pipelines enhance-sweep --grid full --epochs 30 --image-size 256 --network-params "{}" \\
-        --dataset-dir ../shared/data/alzheimer_mri_4class
+    python -m pipelines enhance-sweep --grid steps --out outputs/enhance_sweep            # small CPU settings
+    python -m pipelines enhance-sweep --combos none clahe inv+open+clahe+median11+overlap4/-4
+    python -m pipelines enhance-sweep --grid full --epochs 30 --image-size 256 --learning-rate 3e-4 \\
+        --network-params "{'widen_factor': 0.5}" --dataset-dir ../shared/data/alzheimer_mri_4class
 
 A combination is written as the :attr:`EnhancementPipeline.tag` it produces: ``+``-joined steps among
 ``inv``, ``open``, ``clahe``, ``average<k>`` / ``median<k>`` / ``gaussian<k>`` (odd kernel k), then
@@ -475,6 +475,7 @@ def _main(args: argparse.Namespace) -> int:
         combos = grid_combos(args.grid if (args.grid_given or not args.combos) else None, args.combos)
         overrides: dict[str, Any] = {
             "epochs": args.epochs,
+            "learning_rate": args.learning_rate,
             "image_size": args.image_size,
             "batch_size": args.batch_size,
             "network_name": args.network,
@@ -525,7 +526,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--bundle", default="alz_binary", help="bundle name or folder (default alz_binary)")
     p.add_argument("--dataset-dir", help="class-folder tree (default: the bundle's, the Alzheimer phantom)")
     p.add_argument("--manifest", help="manifest CSV instead of --dataset-dir")
-    p.add_argument("--epochs", type=int, default=2, help="epochs per combination (default 2: CPU smoke setting)")
+    p.add_argument("--epochs", type=int, default=6, help="epochs per combination (default 6: a CPU setting)")
+    p.add_argument("--learning-rate", type=float, default=0.001,
+                   help="AdamW learning rate (default 1e-3 for the short CPU runs; the bundle's own default is 3e-4)")
     p.add_argument("--image-size", type=int, default=64, help="resize after enhancement (default 64; reference 256)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--network", default="resnet18", help="pipelines.networks.cnn name (default resnet18)")

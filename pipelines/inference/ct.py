@@ -305,8 +305,8 @@ class CTStudyPredictor(ClassificationPredictor):
             idx = result["slices"][i]["slice_index"]
             name = f"gradcam_{result['study']}" + (f"_slice{idx:03d}" if result["n_slices"] > 1 else "") + ".png"
             # tensors are (x, y); the figure shows rows = y, like a radiological image
-            save_overlay(img[0].T, heat[0].T, out_dir / name,
-                         title=f"{self.positive_class} p={p[i]:.2f}" + (f", slice {idx}" if result["n_slices"] > 1 else ""))
+            title = f"{self.positive_class} p={p[i]:.2f}" + (f", slice {idx}" if result["n_slices"] > 1 else "")
+            save_overlay(img[0].T, heat[0].T, out_dir / name, title=title)
             names.append(name)
         return names
 

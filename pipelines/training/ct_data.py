@@ -410,7 +410,9 @@ def assign_subject_splits(
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise ManifestError(f"bad split fractions val={val_fraction} test={test_fraction}")
     if num_folds and (int(num_folds) != num_folds or num_folds < 2 or not 0 <= fold < num_folds):
-        raise ManifestError(f"num_folds must be 0 or an integer >= 2 with 0 <= fold < num_folds; got {num_folds}, {fold}")
+        raise ManifestError(
+            f"num_folds must be 0 or an integer >= 2 with 0 <= fold < num_folds; got {num_folds}, {fold}"
+        )
     # a subject with a positive study counts as positive: it holds the finding
     subjects = df.groupby("subject_id")["study_label"].agg(lambda s: positive if (s == positive).any() else s.iloc[0])
     subjects = subjects.sort_index()
@@ -491,7 +493,8 @@ def prepare_ct_data(
     fmt = detect_format(dataset_dir)
     df = dicom_slice_manifest(dataset_dir, class_names) if fmt == "phantom_dicom" else \
         png_manifest(dataset_dir, class_names, group_size)
-    df = assign_subject_splits(df, str(class_names[1]), val_fraction, test_fraction, seed, int(num_folds or 0), int(fold))
+    df = assign_subject_splits(df, str(class_names[1]), val_fraction, test_fraction, seed, int(num_folds or 0),
+                               int(fold))
     params = {
         "method": "subject-level, stratified by study label" + (f", {num_folds}-fold" if num_folds else ", hold-out"),
         "format": fmt, "val_fraction": val_fraction, "test_fraction": None if num_folds else test_fraction,

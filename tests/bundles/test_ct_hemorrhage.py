@@ -61,7 +61,8 @@ def test_phantom_split_is_by_subject_and_stratified_by_study_label(tiny_phantom,
     assert len(df) == 6 * 8 and (df.groupby("subject_id")["split"].nunique() == 1).all()
     # every split holds one haemorrhage study and one normal study (3 + 3 studies)
     studies = df.groupby("subject_id").agg(split=("split", "first"), label=("study_label", "first"))
-    assert studies.groupby("split")["label"].apply(sorted).to_dict() == {s: sorted(CLASSES) for s in ("test", "train", "val")}
+    by_split = studies.groupby("split")["label"].apply(sorted).to_dict()
+    assert by_split == {s: sorted(CLASSES) for s in ("test", "train", "val")}
     assert {r["slice_index"] for r in data["train"]} == set(range(8))
     params = json.loads((tmp_path / "data" / "split.json").read_text())["params"]
     assert params["method"] == "subject-level, stratified by study label, hold-out" and params["seed"] == 0
@@ -88,7 +89,8 @@ def test_png_groups_of_consecutive_ids_stay_together_and_folds_partition_the_set
 
 def test_png_images_are_loaded_as_grey_in_the_8_bit_range():
     root = shared_dataset("head_ct_hemorrhage_png")
-    img = ct_data.LoadCTImaged("image", window_preset="prewindowed")({"image": str(root / "head_ct" / "000.png")})["image"]
+    loader = ct_data.LoadCTImaged("image", window_preset="prewindowed")
+    img = loader({"image": str(root / "head_ct" / "000.png")})["image"]
     assert tuple(img.shape) == (1, 821, 957) and float(img.max()) <= 255.0 and float(img.min()) >= 0.0
 
 
