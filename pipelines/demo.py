@@ -9,7 +9,6 @@ the demo prints each one before running it.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
 import subprocess

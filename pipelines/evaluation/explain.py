@@ -242,7 +242,8 @@ def explain_examples(
         seen[lab] += 1
         title = f"true {names[lab]} | predicted {names[pred]} (p={probs[i, pred]:.2f}) | {method}"
         path = out / f"{_file_safe(names[lab])}_{k}.png"
-        paths.append(save_overlay(images[i, 0].cpu(), maps[i, 0].cpu(), path, title))
+        # tensors are (x, y) (MONAI's loaders put the image width first); rows must be y to display upright
+        paths.append(save_overlay(images[i, 0].cpu().T, maps[i, 0].cpu().T, path, title))
     return paths
 
 

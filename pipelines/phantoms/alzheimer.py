@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipelines.phantoms.cache import cache_root, cached_dataset  # noqa: F401 (cache_root is used by other modules)
+
 logger = logging.getLogger(__name__)
 
 CLASS_NAMES = ["NonDemented", "VeryMildDemented", "MildDemented", "ModerateDemented"]
@@ -295,14 +297,6 @@ def generate_dataset(
     return out_dir
 
 
-def cache_root() -> Path:
-    """Cache folder for generated data: ``$NEURO_MONAI_CACHE``, else ``<repo>/.cache`` (git-ignored)."""
-    env = os.environ.get("NEURO_MONAI_CACHE")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2] / ".cache"
-
-
 def default_dataset(name: str = "alzheimer", seed: int = 0, **kwargs) -> str:
     """Path of the embedded default data set, generating it on first use.
 
@@ -319,26 +313,7 @@ def default_dataset(name: str = "alzheimer", seed: int = 0, **kwargs) -> str:
         "alzheimer": {},
         "alzheimer-tiny": {"class_counts": (5, 4, 3, 3), "shape": (64, 80, 56), "slices_per_subject": 4},
     }
-    if name not in presets:
-        raise ValueError(f"unknown phantom {name!r}; choose one of {sorted(presets)}")
-    params = {**presets[name], **kwargs}
-    suffix = ""
-    if kwargs:
-        import hashlib
-
-        suffix = "-" + hashlib.sha1(repr(sorted(kwargs.items())).encode()).hexdigest()[:8]
-    folder = cache_root() / "phantoms" / f"{name}-v{GENERATOR_VERSION}-seed{seed}{suffix}"
-    if not (folder / "participants.tsv").exists():
-        logger.info("generating the %s phantom into %s (first use)", name, folder)
-        try:
-            generate_dataset(folder, seed=seed, **params)
-        except FileExistsError:
-            # another process created it concurrently; its os.replace is atomic, so it is complete
-            if not (folder / "participants.tsv").exists():
-                raise FileExistsError(
-                    f"phantom cache folder {folder} exists but is incomplete (no participants.tsv); delete it"
-                ) from None
-    return str(folder)
+    return cached_dataset(name, seed, GENERATOR_VERSION, presets, kwargs, "participants.tsv", generate_dataset)
 
 
 def example_volume(name: str = "alzheimer", seed: int = 0) -> str:

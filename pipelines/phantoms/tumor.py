@@ -31,7 +31,6 @@ Everything is a pure function of ``seed``: the same seed gives byte-identical pi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -42,7 +41,6 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.phantoms.alzheimer import cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -418,7 +416,7 @@ def default_dataset(name: str = "tumor", seed: int = 0, **kwargs) -> str:
     """Path of the embedded default data set, generating it into the cache on first use.
 
     The cache is ``$NEURO_MONAI_CACHE`` or ``<repo>/.cache`` (see
-    :func:`pipelines.phantoms.alzheimer.cache_root`).
+    :func:`pipelines.phantoms.cache.cache_root`).
 
     Args:
         name: ``"tumor"`` (46 subjects per class, 2 slices each, 256 px: 288 training and 80 test images) or
@@ -429,22 +427,9 @@ def default_dataset(name: str = "tumor", seed: int = 0, **kwargs) -> str:
     Returns:
         The data set folder (str) holding ``Training/``, ``Testing/``, ``participants.tsv`` and ``phantom.json``.
     """
-    if name not in PRESETS:
-        raise ValueError(f"unknown phantom {name!r}; choose one of {sorted(PRESETS)}")
-    params = {**PRESETS[name], **kwargs}
-    suffix = "-" + hashlib.sha1(repr(sorted(kwargs.items())).encode()).hexdigest()[:8] if kwargs else ""
-    folder = cache_root() / "phantoms" / f"{name}-v{GENERATOR_VERSION}-seed{seed}{suffix}"
-    if not (folder / "phantom.json").exists():
-        logger.info("generating the %s phantom into %s (first use)", name, folder)
-        try:
-            generate_dataset(folder, seed=seed, **params)
-        except FileExistsError:
-            # another process created it concurrently; its os.replace is atomic, so it is complete
-            if not (folder / "phantom.json").exists():
-                raise FileExistsError(
-                    f"phantom cache folder {folder} exists but is incomplete (no phantom.json); delete it"
-                ) from None
-    return str(folder)
+    from pipelines.phantoms.cache import cached_dataset
+
+    return cached_dataset(name, seed, GENERATOR_VERSION, PRESETS, kwargs, "phantom.json", generate_dataset)
 
 
 def subject_params_dict(params: SubjectParams) -> dict:

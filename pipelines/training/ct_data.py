@@ -23,7 +23,6 @@ picture give the same array.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -531,7 +530,7 @@ def prepare_ct_data(
 
 
 def _cache_root() -> Path:
-    from pipelines.phantoms.alzheimer import cache_root
+    from pipelines.phantoms.cache import cache_root
 
     return cache_root()
 
@@ -553,27 +552,10 @@ def default_dataset(name: str = "head_ct", seed: int = 0, **kwargs: Any) -> str:
     """
     from pipelines.phantoms.head_ct import GENERATOR_VERSION, make_head_ct_dataset
 
-    if name not in _PHANTOM_PRESETS:
-        raise ValueError(f"unknown head-CT phantom {name!r}; choose one of {sorted(_PHANTOM_PRESETS)}")
-    params = {**_PHANTOM_PRESETS[name], **kwargs}
-    suffix = "-" + hashlib.sha1(repr(sorted(kwargs.items())).encode()).hexdigest()[:8] if kwargs else ""
-    folder = _cache_root() / "phantoms" / f"{name}-v{GENERATOR_VERSION}-seed{seed}{suffix}"
-    if (folder / "labels.csv").is_file():
-        return str(folder)
-    logger.info("generating the %s phantom into %s (first use)", name, folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder.parent))
-    try:
-        make_head_ct_dataset(tmp, seed=seed, **params)
-        try:
-            os.replace(tmp, folder)
-        except OSError:
-            # another process finished first; its rename was atomic, so its folder is complete
-            if not (folder / "labels.csv").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return str(folder)
+    from pipelines.phantoms.cache import cached_dataset, into_new_folder
+
+    return cached_dataset(name, seed, GENERATOR_VERSION, _PHANTOM_PRESETS, kwargs, "labels.csv",
+                          into_new_folder(make_head_ct_dataset))
 
 
 def example_series(kind: str = "iph", seed: int = 0, slices: int = 24, size: int = 128) -> str:

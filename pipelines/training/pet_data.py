@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,7 +33,6 @@ from pipelines.io.dicom import DicomSeriesError, find_series
 from pipelines.io.suv import SUVError, series_suv_factor
 from pipelines.manifests.schema import ManifestError, manifest_digest, read_manifest, resolve_paths, validate_manifest
 from pipelines.manifests.split import split_counts, write_split
-from pipelines.phantoms.alzheimer import cache_root
 
 __all__ = [
     "CLASS_NAMES",
@@ -83,33 +80,10 @@ def default_dataset(name: str = "amyloid_pet", seed: int = 0, **kwargs) -> str:
     """
     from pipelines.phantoms.amyloid_pet import make_amyloid_dataset
 
-    if name not in _PRESETS:
-        raise ValueError(f"unknown phantom {name!r}; choose one of {sorted(_PRESETS)}")
-    params = {**_PRESETS[name], **kwargs}
-    suffix = ""
-    if kwargs:
-        import hashlib
+    from pipelines.phantoms.cache import cached_dataset, into_new_folder
 
-        suffix = "-" + hashlib.sha1(repr(sorted(kwargs.items())).encode()).hexdigest()[:8]
-    folder = cache_root() / "phantoms" / f"{name}-v{PHANTOM_VERSION}-seed{seed}{suffix}"
-    if (folder / "participants.csv").exists():
-        return str(folder)
-    logger.info("generating the %s phantom into %s (first use)", name, folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    # Generate beside the target and rename: a concurrent or interrupted run never sees a half-written set.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        make_amyloid_dataset(tmp, seed=seed, **params)
-        try:
-            os.replace(tmp, folder)
-        except OSError:
-            if not (folder / "participants.csv").exists():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)  # another process finished first
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return str(folder)
+    return cached_dataset(name, seed, PHANTOM_VERSION, _PRESETS, kwargs, "participants.csv",
+                          into_new_folder(make_amyloid_dataset))
 
 
 def example_series(name: str = "amyloid_pet", seed: int = 0, index: int = -1) -> str:
