@@ -38,6 +38,8 @@ class BundleMLFlowHandler(MLFlowHandler):
 
     def start(self, engine: Engine) -> None:
         self._detach_duplicates(engine)
+        if self.cur_run is None:
+            self._open_run()
         super().start(engine)
         self._raise_on_sigterm()
         if self.executed_config:
@@ -50,6 +52,25 @@ class BundleMLFlowHandler(MLFlowHandler):
                 saved = None
             if saved:
                 self.artifacts = tuple(a for a in self.artifacts if a) + (saved,)
+
+    def _open_run(self) -> None:
+        """The trainer's handler (``close_on_complete``) always opens a new run; the validator's joins the newest
+        RUNNING run of that name. (MONAI's own lookup would reuse an old FAILED run with the same name.)"""
+        import time
+
+        self._set_experiment()
+        name = self.run_name or f"run_{time.strftime('%Y%m%d_%H%M%S')}"
+        exp_id = self.experiment.experiment_id
+        if not self.close_on_complete:
+            safe = name.replace("'", "\\'")
+            runs = self.client.search_runs(
+                [exp_id], filter_string=f"attributes.run_name = '{safe}' and attributes.status = 'RUNNING'",
+                order_by=["attributes.start_time DESC"], max_results=1,
+            )
+            if runs:
+                self.cur_run = runs[0]
+                return
+        self.cur_run = self.client.create_run(experiment_id=exp_id, run_name=name)
 
     @staticmethod
     def _raise_on_sigterm() -> None:

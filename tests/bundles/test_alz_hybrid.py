@@ -149,10 +149,19 @@ def test_a_crash_during_training_ends_the_run_failed(trained):
             "--run_name", "crash-run",
             "--loss_fn", "$lambda pred, label: (_ for _ in ()).throw(RuntimeError('boom'))", env=env,
         )
-    run = _client(env).search_runs(
-        [_client(env).get_experiment_by_name("alz_hybrid").experiment_id], filter_string="attributes.run_name = 'crash-run'"
-    )[0]
+    client = _client(env)
+    exp_id = client.get_experiment_by_name("alz_hybrid").experiment_id
+    run = client.search_runs([exp_id], filter_string="attributes.run_name = 'crash-run'")[0]
     assert run.info.status == "FAILED"
+    # the same run name again: a new run is opened, the failed one is left alone
+    run_monai_bundle(
+        "run", "--config_file", f"{CFG}/train.json", *TINY_DATA, *TINY, "--epochs", "1", "--run_name", "crash-run",
+        "--output_dir", str(trained["root"] / "crash"), "--ckpt_dir", str(trained["root"] / "crash_models"), env=env,
+    )
+    runs = client.search_runs([exp_id], filter_string="attributes.run_name = 'crash-run'")
+    assert sorted(r.info.status for r in runs) == ["FAILED", "FINISHED"]
+    finished = next(r for r in runs if r.info.status == "FINISHED")
+    assert "val_macro_f1" in finished.data.metrics and "val_macro_f1" not in client.get_run(run.info.run_id).data.metrics
 
 
 @pytest.mark.parametrize("case", ["missing_dir", "bad_manifest", "missing_files"])
