@@ -382,17 +382,20 @@ def _sweep(root: Path, tags: list[str], out: Path, uri: str, experiment: str, pa
             kw = combo_kwargs(tag)
             child_name = f"{parent_name}/{tag}"
             work = out / f"{i:02d}_{re.sub(r'[^A-Za-z0-9_.-]', '_', tag)}"
-            child = client.create_run(exp_id, run_name=child_name, tags={
-                "mlflow.parentRunId": pid, "enhancement": tag, "stage": "sweep-child", "bundle": root.name})
-            cid = child.info.run_id
-            child_ids.append(cid)
             common = {**overrides, "enhancement": kw, "experiment_name": experiment, "tracking_uri": uri,
                       "run_name": child_name, "output_dir": str(work / "train"), "ckpt_dir": str(work / "models")}
-            row: dict[str, Any] = {"combination": tag, "status": "FAILED", "run_id": cid}
+            row: dict[str, Any] = {"combination": tag, "status": "FAILED", "run_id": None}
             t0 = time.time()
+            cid = None
             try:
-                _run_workflow(train_files, meta_file, common)
+                try:
+                    # the bundle's MLflow handler opens the training run under child_name ...
+                    _run_workflow(train_files, meta_file, common)
+                finally:
+                    # ... which becomes a child of the parent (even when training failed)
+                    cid = _child_run(client, exp_id, child_name, pid, tag, root.name)
                 positive = _positive_class(root, overrides)
+                # evaluation logs into the same run: the handler uses the active run
                 with mlflow.start_run(run_id=cid):
                     _run_workflow(eval_files, meta_file, {**common, "eval_dir": str(work / "eval"),
                                                           "ckpt_path": str(work / "models" / "model.pt")})
@@ -401,9 +404,13 @@ def _sweep(root: Path, tags: list[str], out: Path, uri: str, experiment: str, pa
             except Exception as e:  # one failed combination must not stop the sweep
                 logger.exception("combination %s failed", tag)
                 row["error"] = f"{type(e).__name__}: {e}"[:500]
-                client.set_terminated(cid, status="FAILED")
+                if cid is not None:
+                    client.set_terminated(cid, status="FAILED")
+            row["run_id"] = cid
+            child_ids.append(cid)
             row["wall_s"] = round(time.time() - t0, 1)
-            client.log_metric(cid, "wall_s", row["wall_s"])
+            if cid is not None:
+                client.log_metric(cid, "wall_s", row["wall_s"])
             rows.append(row)
             logger.info("[%d/%d] %s: %s in %.0f s", i + 1, len(tags), tag, row["status"], row["wall_s"])
         table = pd.DataFrame(rows)
@@ -436,6 +443,23 @@ def _sweep(root: Path, tags: list[str], out: Path, uri: str, experiment: str, pa
         raise
     print(md)
     return {"parent_run_id": pid, "child_run_ids": child_ids, "table": table, "paths": paths}
+
+
+def _child_run(client: Any, exp_id: str, name: str, parent_id: str, tag: str, bundle: str) -> str:
+    """Id of the newest run named ``name`` (created FAILED when the bundle never opened one), tagged as a child
+    of ``parent_id`` (``mlflow.parentRunId``: the MLflow UI nests it under the parent)."""
+    safe = name.replace("'", "\\'")
+    runs = client.search_runs([exp_id], filter_string=f"attributes.run_name = '{safe}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    if runs:
+        cid = runs[0].info.run_id
+    else:
+        cid = client.create_run(exp_id, run_name=name).info.run_id
+        client.set_terminated(cid, status="FAILED")
+    for key, value in (("mlflow.parentRunId", parent_id), ("enhancement", tag), ("stage", "sweep-child"),
+                       ("bundle", bundle)):
+        client.set_tag(cid, key, value)
+    return cid
 
 
 def _positive_class(root: Path, overrides: Mapping[str, Any]) -> str:

@@ -245,10 +245,11 @@ def restore_augment(
 ) -> AugmentResult:
     """Generate restored copies of ``target_class`` train images until the train split reaches ``ratio``.
 
-    Each new image: a source train image (cycled in sorted order), loaded grey and scaled to [0, 1] by its
-    0.5/99.5 percentiles (optionally resized to ``image_size``), plus Gaussian noise of a sigma drawn from
-    ``sigmas`` (:class:`transforms.noise.AddGaussianNoise`, seeded per image), restored by the denoiser and
-    written as 8-bit PNG to ``out_dir/images/<class>/<stem>_aug<k>_s<sigma>.png``.
+    Each new image: a source train image (cycled in sorted order), loaded grey and min-max scaled to [0, 1]
+    (the denoiser's normalisation; optionally resized to ``image_size``), plus Gaussian noise of a sigma drawn from
+    ``sigmas`` (:class:`transforms.noise.AddGaussianNoise`, seeded per image), restored by the denoiser, mapped
+    back to the source's grey levels (8-bit sources) and written as 8-bit PNG to
+    ``out_dir/images/<class>/<stem>_aug<k>_s<sigma>.png``.
 
     Args:
         manifest: a manifest CSV (or DataFrame) with ``split`` filled in for every row.
@@ -278,7 +279,8 @@ def restore_augment(
 
     from pipelines.manifests.schema import read_manifest, resolve_paths, validate_manifest, write_manifest
     from pipelines.manifests.split import split_counts
-    from pipelines.restoration.denoise import load_denoiser, load_unit_image, save_unit_png
+    from pipelines.io.images import load_grey_2d
+    from pipelines.restoration.denoise import load_denoiser, save_unit_png, scale_unit
     from transforms.noise import DEFAULT_SIGMAS, AddGaussianNoise
 
     df = resolve_paths(read_manifest(manifest)) if not isinstance(manifest, pd.DataFrame) else manifest.copy()
@@ -323,11 +325,16 @@ def restore_augment(
         row = src_rows[k % len(src_rows)]
         sigma = float(sigmas[int(rng.integers(len(sigmas)))])
         noise_seed = int(rng.integers(2**31 - 1))
-        clean = load_unit_image(row["image"])
+        raw = load_grey_2d(row["image"])[None]
+        lo, hi = float(raw.min()), float(raw.max())
+        clean = scale_unit(raw)
         if resize is not None:
             clean = np.asarray(resize(clean), dtype=np.float32).clip(0, 1)
         noisy = AddGaussianNoise(sigma, seed=noise_seed)(clean)
         restored = np.asarray(model(noisy), dtype=np.float32)
+        if hi <= 255.0 and hi > lo:
+            # back to the source's 8-bit grey levels, so new images look like the originals (not stretched)
+            restored = (restored * (hi - lo) + lo) / 255.0
         name = f"{Path(row['image']).stem}_aug{k:05d}_s{sigma:g}.png"
         path = save_unit_png(restored, img_dir / name)
         new_rows.append({**row, "image": str(path.resolve()), "split": "train", "augmented": True,
@@ -511,10 +518,15 @@ def compare_augmentation(
     tracking_uri: str | None = None,
     out_dir: str | os.PathLike | None = None,
     runner: Callable[[list[str]], int] | None = None,
+    equal_steps: bool = False,
 ) -> Any:
     """Train + evaluate ``bundle`` (network overlay ``network``) on the original and on the augmented manifest,
     then compare the two evaluation runs (macro AUC, accuracy, ... with CIs) with
     :func:`pipelines.evaluation.compare.compare_runs`.
+
+    With ``equal_steps`` the augmented run's ``epochs`` is scaled by ``n_train_original / n_train_augmented``
+    (at least 1), so both models get about the same number of optimisation steps; otherwise both train the
+    same number of epochs (the augmented one then takes more steps).
 
     Both manifests must hold the same val/test rows (the generator guarantees it), so both models are
     evaluated on the same images. Checkpoints, training outputs and the evaluation report of each variant
@@ -545,10 +557,20 @@ def compare_augmentation(
     run = runner or cmp._run_subprocess
     client = cmp._client(tracking_uri)
     eval_ids = []
+    epochs_aug = None
+    if equal_steps:
+        if not (overrides or {}).get("epochs"):
+            raise ValueError("equal_steps needs an explicit epochs override (e.g. epochs=20)")
+        n_orig, n_aug = int((orig["split"] == "train").sum()), int((augm["split"] == "train").sum())
+        epochs_aug = max(1, round(int((overrides or {})["epochs"]) * n_orig / n_aug))
+        logger.info("equal steps: original %s epochs x %d images, augmented %d epochs x %d images",
+                    overrides["epochs"], n_orig, epochs_aug, n_aug)
     for variant, manifest in (("original", original_manifest), ("augmented", augmented_manifest)):
         ov = {**(overrides or {}), "manifest": str(Path(manifest).resolve()),
               "output_dir": str((out / variant / "train").resolve()), "ckpt_dir": str((out / variant / "models").resolve()),
               "eval_dir": str((out / variant / "eval").resolve())}
+        if variant == "augmented" and epochs_aug is not None:
+            ov["epochs"] = str(epochs_aug)
         plan = cmp.bundle_commands(root, network, f"{variant}-{stamp}", experiment, ov)
         code = run(plan["train"]) or run(plan["evaluate"])
         if code != 0:
@@ -607,6 +629,7 @@ def _main(args: argparse.Namespace) -> int:
             result = compare_augmentation(
                 args.compare_bundle, args.manifest, args.augmented_manifest, args.network,
                 {k: str(v) for k, v in _parse_overrides(args.override).items()}, args.tracking_uri, args.out,
+                equal_steps=args.equal_steps,
             )
             print(result.markdown)
             return 0
@@ -677,5 +700,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--network", default="resnet18", help="network overlay of --compare-bundle (default resnet18)")
     p.add_argument("--override", action="append", metavar="ID=VALUE",
                    help="config-id override for the --compare-bundle commands, e.g. epochs=30")
+    p.add_argument("--equal-steps", action="store_true",
+                   help="--compare-bundle: scale the augmented run's epochs so both runs take about the same number "
+                        "of optimisation steps (needs --override epochs=N)")
     p.add_argument("--tracking-uri", help="MLflow store for --compare-bundle")
     p.set_defaults(func=_main)

@@ -5,9 +5,8 @@ bundle's state-dict checkpoint ``models/model.pt`` plus the bundle config that d
 (by default ``<bundle>/configs/inference.json`` next to ``models/``; config-id overrides such as
 ``{"features": [8, 8, 16, 32, 64, 8]}`` rebuild a network trained with other sizes).
 
-Images are handled in [0, 1]: files are loaded grey (:func:`pipelines.io.images.load_grey_2d`) and scaled
-by their 0.5 / 99.5 intensity percentiles to [0, 1] (the bundle's training normalisation); outputs are
-clamped to [0, 1] and written as 8-bit PNG.
+Images are handled in [0, 1]: files are loaded grey (:func:`pipelines.io.images.load_grey_2d`) and min-max
+scaled to [0, 1] (the bundle's training normalisation); outputs are clamped to [0, 1] and written as 8-bit PNG.
 """
 
 from __future__ import annotations
@@ -148,21 +147,22 @@ class Denoiser:
         return y if isinstance(img, torch.Tensor) else y.numpy()
 
 
-def scale_unit(arr: np.ndarray, lower: float = 0.5, upper: float = 99.5) -> np.ndarray:
-    """Scale an image to [0, 1] by its ``lower`` / ``upper`` intensity percentiles, clipped (float32).
+def scale_unit(arr: np.ndarray) -> np.ndarray:
+    """Min-max scale an image to [0, 1] (float32), the denoiser bundle's normalisation (``ScaleIntensityd``).
 
-    The denoiser bundle's normalisation (``ScaleIntensityRangePercentilesd(lower=0.5, upper=99.5)``); a
-    constant image maps to zeros.
+    Unlike percentile scaling nothing is clipped, so the noise model (Gaussian noise on [0, 1] intensities)
+    holds exactly and bright tissue keeps its contrast; for 8-bit images with a black background this is
+    close to ``x / 255``. A constant image maps to zeros.
     """
     a = np.asarray(arr, dtype=np.float32)
-    lo, hi = np.percentile(a, [lower, upper])
+    lo, hi = float(a.min()), float(a.max())
     if hi <= lo:
         return np.zeros_like(a)
-    return np.clip((a - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+    return ((a - lo) / (hi - lo)).astype(np.float32)
 
 
 def load_unit_image(path: str | os.PathLike) -> np.ndarray:
-    """A 2D image file as a ``(1, X, Y)`` float32 array in [0, 1] (grey, percentile-scaled)."""
+    """A 2D image file as a ``(1, X, Y)`` float32 array in [0, 1] (grey, min-max scaled: :func:`scale_unit`)."""
     from pipelines.io.images import load_grey_2d
 
     return scale_unit(load_grey_2d(path))[None]

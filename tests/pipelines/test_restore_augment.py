@@ -202,3 +202,57 @@ def test_validity_cli_flag_writes_validity_json(dataset, denoiser_ts, tmp_path):
 
     v = json.loads((tmp_path / "check" / "validity.json").read_text())
     assert v["class"] == "notumor" and v["augmented"]["n"] == 4 and v["augmented"]["accuracy"] == 1.0
+
+
+def test_comparison_trains_both_variants_on_the_same_test_set_with_equal_steps(dataset, denoiser_ts, tmp_path):
+    import mlflow
+
+    from pipelines.restoration.augment import compare_augmentation
+
+    res = restore_augment(dataset, denoiser_ts, tmp_path / "aug")
+    bundle = tmp_path / "fake_bundle"
+    (bundle / "configs").mkdir(parents=True)
+    for name in ("train", "resnet18", "evaluate", "metadata"):
+        (bundle / "configs" / f"{name}.json").write_text("{}")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    exp_id = client.create_experiment("fake_bundle")
+    commands: list[list[str]] = []
+
+    def runner(cmd: list[str]) -> int:
+        """Stands in for `python -m monai.bundle run`: logs the run the real bundle would log."""
+        commands.append(cmd)
+        args = dict(zip(cmd, cmd[1:]))
+        if "--eval_run_name" in args:
+            variant_auc = 0.9 if "augmented" in args["--eval_run_name"] else 0.8
+            run = client.create_run(exp_id, run_name=args["--eval_run_name"], tags={"stage": "evaluation"})
+            for k, v in (("macro_auc", variant_auc), ("macro_auc_ci_low", variant_auc - 0.05),
+                         ("macro_auc_ci_high", variant_auc + 0.05), ("accuracy", 0.7), ("balanced_accuracy", 0.7),
+                         ("macro_f1", 0.6)):
+                client.log_metric(run.info.run_id, k, v)
+        else:
+            run = client.create_run(exp_id, run_name=args["--run_name"])
+        client.set_terminated(run.info.run_id, "FINISHED")
+        return 0
+
+    result = compare_augmentation(str(bundle), dataset, res.paths["manifest"], overrides={"epochs": "16"},
+                                  tracking_uri=uri, out_dir=tmp_path / "cmp", runner=runner, equal_steps=True)
+    trains = [c for c in commands if "--eval_run_name" not in c]
+    epochs = [c[c.index("--epochs") + 1] for c in trains]
+    manifests = [Path(c[c.index("--manifest") + 1]).resolve() for c in trains]
+    assert epochs == ["16", str(round(16 * 32 / 88))]  # 32 original vs 88 augmented train images
+    assert manifests == [dataset.resolve(), res.paths["manifest"].resolve()]
+    table = result.table.set_index("training_set")
+    assert table.loc["original", "macro_auc"] == 0.8 and table.loc["augmented", "macro_auc"] == 0.9
+    assert (tmp_path / "cmp" / "comparison.md").is_file()
+
+
+def test_comparison_refuses_manifests_with_different_test_rows(dataset, denoiser_ts, tmp_path):
+    from pipelines.restoration.augment import compare_augmentation
+
+    res = restore_augment(dataset, denoiser_ts, tmp_path / "aug")
+    other = pd.read_csv(dataset)
+    other = other[other["split"] != "test"]
+    other.to_csv(tmp_path / "other.csv", index=False)
+    with pytest.raises(ValueError, match="differ in their val/test rows"):
+        compare_augmentation("tumor_mri", tmp_path / "other.csv", res.paths["manifest"], runner=lambda c: 0)
