@@ -65,8 +65,8 @@ def run_params(params: Mapping[str, Any], data: Mapping[str, Any] | None = None)
     """
     out: dict[str, str] = {}
     for k, v in params.items():
-        if isinstance(v, (str, os.PathLike)) and (os.sep in str(v)):
-            v = Path(str(v)).name
+        if isinstance(v, (str, os.PathLike)) and os.sep in str(v) and (os.path.isabs(str(v)) or os.path.exists(str(v))):
+            v = Path(str(v)).name  # a path: keep only its last component
         out[k] = json.dumps(v) if isinstance(v, (list, tuple, dict)) else str(v)
     if data is not None:
         out["manifest_digest"] = str(data.get("digest"))

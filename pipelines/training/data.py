@@ -100,6 +100,10 @@ def prepare_data(
         raise ManifestError("no data: set dataset_dir (a class-folder tree) or manifest (a CSV)")
     df = validate_manifest(df, class_names=class_names, check_files=True)
     df = subject_split(df, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+    if "augmented" in df.columns:
+        from pipelines.restoration.augment import check_augmented_manifest
+
+        check_augmented_manifest(df)  # augmented images may only ever be training images
     overlap = df.groupby("subject_id")["split"].nunique()
     if (overlap > 1).any():
         raise ManifestError(f"{source}: subject(s) {overlap[overlap > 1].index[:5].tolist()} appear in several splits")

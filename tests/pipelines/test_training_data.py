@@ -66,3 +66,16 @@ def test_balanced_sampler_draws_classes_equally():
     drawn = np.array([records[i]["label"] for i in sampler])
     assert abs(drawn.mean() - 0.5) < 0.05
     assert make_sampler(records, balanced=False) is None
+
+
+def test_augmented_rows_outside_train_are_refused(tmp_path):
+    from pipelines.restoration.augment import AugmentationLeakError
+
+    root = _tree(tmp_path / "d")
+    rows = ["subject_id,session_id,image,label,split,augmented"]
+    for i, p in enumerate(sorted(root.rglob("*.png"))):
+        split = "test" if i == 0 else ""
+        rows.append(f"{p.name.split('_')[0]},ses-01,{p},{p.parent.name},{split},{'True' if i == 0 else 'False'}")
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(AugmentationLeakError, match="outside the train split"):
+        prepare_data(CLASSES, manifest=tmp_path / "m.csv")
