@@ -42,3 +42,32 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def parse_overrides(items, literal: bool = True) -> dict:
+    """``["epochs=3", "image_size=64"]`` -> ``{"epochs": 3, "image_size": 64}`` for ``--override`` options.
+
+    Args:
+        items: ``config_id=value`` strings (a leading ``--`` on the id is dropped).
+        literal: parse values as Python literals where possible (else keep the text, e.g. to pass it on to
+            ``python -m monai.bundle`` unchanged).
+
+    Raises:
+        ValueError: an item without ``=`` or with an empty id.
+    """
+    import ast
+
+    out: dict = {}
+    for item in items or ():
+        key, sep, value = str(item).partition("=")
+        key = key.strip().lstrip("-")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} must look like config_id=value")
+        if literal:
+            try:
+                out[key] = ast.literal_eval(value)
+                continue
+            except (ValueError, SyntaxError):
+                pass
+        out[key] = value
+    return out

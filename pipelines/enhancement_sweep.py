@@ -476,17 +476,10 @@ def _positive_class(root: Path, overrides: Mapping[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------------ CLI
 
 
-def _parse_overrides(items: Sequence[str] | None) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items or ():
-        key, sep, value = str(item).partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"override {item!r} must look like config_id=value")
-        try:
-            out[key.strip()] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key.strip()] = value
-    return out
+def _parse_overrides(items):
+    from pipelines.cli import parse_overrides
+
+    return parse_overrides(items, literal=True)
 
 
 def _main(args: argparse.Namespace) -> int:

@@ -650,14 +650,10 @@ def train_and_compare(
 # ------------------------------------------------------------------------------------------------ CLI
 
 
-def _parse_overrides(items: Iterable[str] | None) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for item in items or ():
-        key, sep, value = str(item).partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"override {item!r} must look like config_id=value")
-        out[key.strip().lstrip("-")] = value
-    return out
+def _parse_overrides(items):
+    from pipelines.cli import parse_overrides
+
+    return parse_overrides(items, literal=False)
 
 
 def _main(args: argparse.Namespace) -> int:

@@ -606,19 +606,10 @@ def resolve_for_check(df: pd.DataFrame) -> pd.DataFrame:
 # ------------------------------------------------------------------------------------------------ CLI
 
 
-def _parse_overrides(items: Sequence[str] | None) -> dict[str, Any]:
-    import ast
+def _parse_overrides(items):
+    from pipelines.cli import parse_overrides
 
-    out: dict[str, Any] = {}
-    for item in items or ():
-        key, sep, value = str(item).partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"override {item!r} must look like config_id=value")
-        try:
-            out[key.strip()] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key.strip()] = value
-    return out
+    return parse_overrides(items, literal=True)
 
 
 def _main(args: argparse.Namespace) -> int:
