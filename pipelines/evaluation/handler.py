@@ -325,24 +325,9 @@ class EvaluationReportHandler:
         """(client, run_id, started_here) for the active run or a new one; None when MLflow is not used."""
         if not self.log_to_mlflow:
             return None
-        import mlflow
-        from mlflow.tracking import MlflowClient
+        from pipelines.tracking import open_run
 
-        active = mlflow.active_run()
-        if active is not None:
-            return MlflowClient(), active.info.run_id, False
-        if not self.mlflow_tracking_uri:
-            logger.info("no active MLflow run and no mlflow_tracking_uri: evaluation not logged to MLflow")
-            return None
-        client = MlflowClient(tracking_uri=self.mlflow_tracking_uri)
-        experiment = client.get_experiment_by_name(self.mlflow_experiment)
-        if experiment is not None:
-            exp_id = experiment.experiment_id
-        else:
-            exp_id = client.create_experiment(self.mlflow_experiment)
-        tags = {**self.tags, "stage": "evaluation"}
-        run = client.create_run(exp_id, run_name=self.mlflow_run_name, tags=tags)
-        return client, run.info.run_id, True
+        return open_run(self.mlflow_tracking_uri, self.mlflow_experiment, self.mlflow_run_name, self.tags, "evaluation")
 
     def _log_mlflow(self, client: Any, run_id: str, result: dict[str, Any]) -> None:
         from mlflow.entities import Metric, Param, RunTag

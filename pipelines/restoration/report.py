@@ -316,26 +316,12 @@ class DenoisingReportHandler:
             run[0].set_terminated(run[1], status="FINISHED")
 
     def _start_mlflow(self) -> tuple[Any, str, bool] | None:
+        """(client, run_id, started_here) for the active run or a new one; None when MLflow is not used."""
         if not self.log_to_mlflow:
             return None
-        import mlflow
-        from mlflow.tracking import MlflowClient
+        from pipelines.tracking import open_run
 
-        active = mlflow.active_run()
-        if active is not None:
-            return MlflowClient(), active.info.run_id, False
-        if not self.mlflow_tracking_uri:
-            logger.info("no active MLflow run and no mlflow_tracking_uri: denoising report not logged")
-            return None
-        from pipelines.tracking import artifact_location
-
-        client = MlflowClient(tracking_uri=self.mlflow_tracking_uri)
-        exp = client.get_experiment_by_name(self.mlflow_experiment)
-        exp_id = exp.experiment_id if exp is not None else client.create_experiment(
-            self.mlflow_experiment, artifact_location=artifact_location(self.mlflow_tracking_uri)
-        )
-        run = client.create_run(exp_id, run_name=self.mlflow_run_name, tags={**self.tags, "stage": "evaluation"})
-        return client, run.info.run_id, True
+        return open_run(self.mlflow_tracking_uri, self.mlflow_experiment, self.mlflow_run_name, self.tags, "denoising report")
 
     def _log(self, client: Any, run_id: str, table: pd.DataFrame, n_samples: int) -> None:
         from mlflow.entities import Metric, Param, RunTag

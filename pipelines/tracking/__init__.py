@@ -133,3 +133,26 @@ def bundle_version(bundle_root: str | os.PathLike) -> str:
         return str(json.loads(meta.read_text()).get("version", ""))
     except (OSError, ValueError):
         return ""
+
+
+def open_run(tracking_uri: str | None, experiment: str, run_name: str | None, tags: Mapping[str, Any] | None = None,
+             what: str = "report"):
+    """``(client, run_id, started_here)`` for logging a report: the active MLflow run if there is one, else a new
+    run (tag ``stage=evaluation`` plus ``tags``) in ``experiment`` of ``tracking_uri``, created with the project's
+    artifact location; None when there is no active run and no ``tracking_uri``."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    active = mlflow.active_run()
+    if active is not None:
+        return MlflowClient(), active.info.run_id, False
+    if not tracking_uri:
+        logger.info("no active MLflow run and no tracking_uri: %s not logged to MLflow", what)
+        return None
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp is not None else client.create_experiment(
+        experiment, artifact_location=artifact_location(tracking_uri)
+    )
+    run = client.create_run(exp_id, run_name=run_name, tags={**(tags or {}), "stage": "evaluation"})
+    return client, run.info.run_id, True
