@@ -215,6 +215,13 @@ class BodySizeLimitMiddleware:
             except ValueError:
                 too_big = False
             if too_big:
+                # read and drop a moderately oversized body first: answering while the client is still sending
+                # makes the server close a socket with unread data, and the client then sees a reset, not the 413
+                if int(length) <= max(4 * self.limit, 16 * 1024**2):
+                    more = True
+                    while more:
+                        message = await receive()
+                        more = message.get("type") == "http.request" and message.get("more_body", False)
                 response = JSONResponse({"detail": f"upload of {int(length)} bytes is larger than the limit of "
                                                    f"{self.limit} bytes"}, status_code=413,
                                         headers={"Connection": "close"})
