@@ -359,11 +359,10 @@ def _sweep(root: Path, tags: list[str], out: Path, uri: str, experiment: str, pa
     from mlflow.tracking import MlflowClient
 
     from pipelines.evaluation.report import atomic_write_csv, atomic_write_text
-    from pipelines.tracking import artifact_location, git_commit
+    from pipelines.tracking import experiment_id, git_commit
 
     client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=artifact_location(uri))
+    exp_id = experiment_id(client, experiment, uri)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     parent_name = parent_run_name or f"{root.name}-sweep-{stamp}"
     parent = client.create_run(exp_id, run_name=parent_name, tags={"stage": "sweep", "bundle": root.name,

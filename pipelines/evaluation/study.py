@@ -584,12 +584,10 @@ class StudyEvaluationHandler:
         from mlflow.entities import Metric, Param
         from mlflow.tracking import MlflowClient
 
+        from pipelines.tracking import experiment_id
+
         client = MlflowClient(tracking_uri=self.mlflow_tracking_uri)
-        experiment = client.get_experiment_by_name(self.mlflow_experiment)
-        if experiment is not None:
-            exp_id = experiment.experiment_id
-        else:
-            exp_id = client.create_experiment(self.mlflow_experiment)
+        exp_id = experiment_id(client, self.mlflow_experiment, self.mlflow_tracking_uri)
         run_id, started = None, False
         if self.mlflow_run_name:
             name = self.mlflow_run_name.replace("'", "\\'")

@@ -135,6 +135,14 @@ def bundle_version(bundle_root: str | os.PathLike) -> str:
         return ""
 
 
+def experiment_id(client, name: str, tracking_uri: str | None) -> str:
+    """Id of experiment ``name``, creating it (with the project's artifact location) when absent."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_location(tracking_uri) if tracking_uri else None)
+
+
 def open_run(tracking_uri: str | None, experiment: str, run_name: str | None, tags: Mapping[str, Any] | None = None,
              what: str = "report"):
     """``(client, run_id, started_here)`` for logging a report: the active MLflow run if there is one, else a new
@@ -150,9 +158,6 @@ def open_run(tracking_uri: str | None, experiment: str, run_name: str | None, ta
         logger.info("no active MLflow run and no tracking_uri: %s not logged to MLflow", what)
         return None
     client = MlflowClient(tracking_uri=tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp is not None else client.create_experiment(
-        experiment, artifact_location=artifact_location(tracking_uri)
-    )
+    exp_id = experiment_id(client, experiment, tracking_uri)
     run = client.create_run(exp_id, run_name=run_name, tags={**(tags or {}), "stage": "evaluation"})
     return client, run.info.run_id, True
