@@ -70,6 +70,8 @@ METRIC_LABELS = {
     "weighted_f1": "weighted F1",
     "macro_auc": "macro AUC",
 }
+#: Network name meaning "train.json's own network, no overlay" (``--networks base vit``).
+BASE_NETWORK = "base"
 #: Params never shown as "differing": the model has its own column.
 MODEL_PARAM = "network"
 _CI_LOW, _CI_HIGH = "_ci_low", "_ci_high"
@@ -528,7 +530,8 @@ def bundle_commands(
 
     Args:
         bundle_root: bundle folder (holding ``configs/``).
-        network: overlay name: ``configs/<network>.json``.
+        network: overlay name: ``configs/<network>.json``; ``"base"`` (without a ``base.json``) is the network
+            of ``train.json`` itself, with no overlay.
         group: comparison-group id, part of the run names.
         experiment: MLflow experiment (passed as ``experiment_name``).
         overrides: further ``config id -> value`` overrides for both commands.
@@ -540,14 +543,16 @@ def bundle_commands(
     root = Path(bundle_root)
     cfg = root / "configs"
     overlay = cfg / f"{network}.json"
-    for path in (overlay, cfg / "evaluate.json"):
+    base = network == BASE_NETWORK and not overlay.is_file()  # train.json's own network, no overlay
+    for path in ([] if base else [overlay]) + [cfg / "evaluate.json"]:
         if not path.is_file():
             available = sorted(p.stem for p in cfg.glob("*.json")
                                if p.stem not in ("train", "evaluate", "inference", "metadata"))
-            raise FileNotFoundError(f"{path} not found (network overlays in {cfg}: {available})")
+            raise FileNotFoundError(f"{path} not found (network overlays in {cfg}: {available}; "
+                                    f"'{BASE_NETWORK}' is train.json's own network)")
     name = root.name
     train_name, eval_name = f"{name}-{network}-train-{group}", f"{name}-{network}-evaluate-{group}"
-    files = [str(cfg / "train.json"), str(overlay)]
+    files = [str(cfg / "train.json")] + ([] if base else [str(overlay)])
     common = ["--meta_file", str(cfg / "metadata.json"), "--logging_file", str(cfg / "logging.conf"),
               "--experiment_name", experiment]
     extra = _override_args(overrides or {})
@@ -700,7 +705,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--train-bundle", metavar="BUNDLE",
                    help="first train and evaluate each network overlay of this bundle, then compare")
     p.add_argument("--networks", nargs="+", metavar="OVERLAY",
-                   help="network overlays (configs/<name>.json) for --train-bundle (default: all of the bundle)")
+                   help="network overlays (configs/<name>.json) for --train-bundle (default: all of the bundle); "
+                        "'base' is train.json's own network")
     p.add_argument("--override", action="append", metavar="ID=VALUE",
                    help="config-id override for every bundle command, e.g. epochs=30 (repeatable)")
     p.set_defaults(func=_main)

@@ -275,3 +275,12 @@ def test_train_and_compare_links_runs_and_skips_failures(store, tmp_path, monkey
     broken = client.search_runs([evals[0].info.experiment_id], "attributes.run_name LIKE 'fake_bundle-broken-train-%'")
     assert [r.info.status for r in broken] == ["FAILED"]
     assert math.isclose(result.table["wall_time_s"].iloc[0], 20.0)
+
+
+def test_bundle_commands_base_is_train_json_alone(tmp_path):
+    root = _fake_bundle(tmp_path, ["vit"])
+    cfg = root / "configs"
+    plan = cmp.bundle_commands(root, "base", "G", "exp", python="py")
+    assert plan["train"][5] == repr([str(cfg / "train.json")])
+    assert plan["evaluate"][5] == repr([str(cfg / "train.json"), str(cfg / "evaluate.json")])
+    assert plan["train_run_name"] == "fake_bundle-base-train-G"
