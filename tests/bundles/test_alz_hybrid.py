@@ -111,7 +111,7 @@ def test_inference_on_a_volume_and_on_a_folder_of_slices(trained):
             "--input_path", inp, "--output_dir", str(out), env=trained["env"],
         )
         pred = json.loads((out / "predictions.json").read_text())
-        assert pred["model"]["name"] == "alz_hybrid" and pred["model"]["version"]
+        assert pred["model"]["name"] == "alz_hybrid/CNNViTHybrid" and pred["model"]["version"]
         studies = pred["studies"]
         assert all(s["predicted_class"] in pred["class_names"] for s in studies)
         assert all(abs(sum(s["probabilities"].values()) - 1) < 1e-5 for s in studies)
