@@ -40,10 +40,6 @@ def main(argv: list[str] | None = None) -> int:
     return int(args.func(args) or 0)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def parse_overrides(items, literal: bool = True) -> dict:
     """``["epochs=3", "image_size=64"]`` -> ``{"epochs": 3, "image_size": 64}`` for ``--override`` options.
 
@@ -71,3 +67,7 @@ def parse_overrides(items, literal: bool = True) -> dict:
                 pass
         out[key] = value
     return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
