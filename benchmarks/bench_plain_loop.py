@@ -34,6 +34,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipelines.evaluation.metrics import evaluate_predictions  # noqa: E402
+from pipelines.evaluation.report import write_probabilities  # noqa: E402
 from pipelines.io.images import load_grey_2d  # noqa: E402
 
 _SPLITS = (("train", "test"), ("Training", "Testing"))
@@ -47,8 +48,8 @@ def find_splits(data_dir: Path) -> tuple[Path, Path]:
     raise SystemExit(f"{data_dir}: expected train/ and test/ (or Training/ and Testing/) class folders")
 
 
-def load_folder(root: Path, classes: list[str], size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    images, labels = [], []
+def load_folder(root: Path, classes: list[str], size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    images, labels, paths = [], [], []
     for k, name in enumerate(classes):
         files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in _SUFFIXES)
         if not files:
@@ -60,7 +61,8 @@ def load_folder(root: Path, classes: list[str], size: int) -> tuple[torch.Tensor
             t = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None, None]
             images.append(F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)[0])
             labels.append(k)
-    return torch.stack(images), torch.tensor(labels)
+            paths.append(str(path.resolve()))
+    return torch.stack(images), torch.tensor(labels), paths
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--n-bootstrap", type=int, default=1000)
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
+    parser.add_argument("--probs-out", type=Path,
+                        help="write the test probabilities as CSV here (image path, label, one column per class)")
     args = parser.parse_args(argv)
 
     from monai.networks.nets import resnet18
@@ -83,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     train_dir, test_dir = find_splits(args.data_dir)
     classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
-    x_train, y_train = load_folder(train_dir, classes, args.image_size)
-    x_test, y_test = load_folder(test_dir, classes, args.image_size)
+    x_train, y_train, _ = load_folder(train_dir, classes, args.image_size)
+    x_test, y_test, test_paths = load_folder(test_dir, classes, args.image_size)
     print(f"classes {classes}; train {len(y_train)}, test {len(y_test)} images at {args.image_size} px")
 
     net = resnet18(spatial_dims=2, n_input_channels=1, num_classes=len(classes), conv1_t_stride=2)
@@ -119,10 +123,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{wall_s / 60:.1f} wall min, {torch.get_num_threads()} threads; test n = {len(y_test)}")
     for key in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auc"):
         print(f"  {key:18s} {m[key]:.3f} [{ci[key][0]:.3f}, {ci[key][1]:.3f}]")
+    if args.probs_out:
+        write_probabilities(args.probs_out, test_paths, y_test.numpy(), probs, classes)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         summary = {"recipe": "plain loop: MONAI ResNet-18, Adam, CE, hflip", "image_size": args.image_size,
-                   "epochs": epochs, "cpu_s": cpu_s, "wall_s": wall_s, "threads": torch.get_num_threads(),
+                   "epochs": epochs, "cpu_s": cpu_s, "train_images": epochs * len(y_train), "wall_s": wall_s, "threads": torch.get_num_threads(),
                    "data_dir": str(args.data_dir), **result}
         tmp = args.out.with_suffix(args.out.suffix + ".tmp")
         tmp.write_text(json.dumps(summary, indent=2))

@@ -17,6 +17,7 @@ COMMANDS = {
     "compare": "pipelines.evaluation.compare",
     "restore-augment": "pipelines.restoration.augment",
     "enhance-sweep": "pipelines.enhancement_sweep",
+    "benchmark-quality": "pipelines.experiments.quality",
 }
 
 

@@ -74,6 +74,46 @@ def atomic_write_csv(path: str | os.PathLike, df: pd.DataFrame) -> Path:
     return atomic_write(path, lambda p: df.to_csv(p, index=False))
 
 
+def write_probabilities(path: str | os.PathLike, images: Sequence[str], labels: Any, probs: Any,
+                        class_names: Sequence[str]) -> Path:
+    """Atomically write per-image predictions as CSV: ``image``, ``label`` (class name), ``prob_<class>`` columns.
+
+    This is the exchange format of the quality harness: two models scored on the same images can be paired by
+    the ``image`` column (write absolute, resolved paths); labels and columns are named, so two models with
+    different class orders still pair up. ``labels`` are class indices into ``class_names``.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    labels = np.asarray(labels).astype(int).ravel()
+    if probs.ndim != 2 or probs.shape != (len(images), len(class_names)) or len(labels) != len(images):
+        raise ValueError(f"{path}: expected {len(images)} images x {len(class_names)} classes of probabilities and "
+                         f"{len(images)} labels, got probs {probs.shape} and {len(labels)} labels")
+    df = pd.DataFrame({"image": [str(i) for i in images], "label": [str(class_names[k]) for k in labels]})
+    for k, name in enumerate(class_names):
+        df[f"prob_{name}"] = probs[:, k]
+    return atomic_write_csv(path, df)
+
+
+def read_probabilities(path: str | os.PathLike, class_names: Sequence[str]) -> pd.DataFrame:
+    """Read a :func:`write_probabilities` CSV in ``class_names`` order; ``label`` becomes the class index.
+
+    Rows are sorted by ``image``. Raises ValueError naming the file for missing columns, unknown labels or
+    duplicated images.
+    """
+    df = pd.read_csv(path, dtype={"image": str, "label": str})
+    cols = ["image", "label"] + [f"prob_{c}" for c in class_names]
+    missing = [c for c in cols if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}; expected {cols}")
+    if df["image"].duplicated().any():
+        raise ValueError(f"{path}: duplicated image rows, e.g. {df.loc[df['image'].duplicated(), 'image'].iloc[0]}")
+    index = {str(c): k for k, c in enumerate(class_names)}
+    unknown = sorted(set(df["label"]) - set(index))
+    if unknown:
+        raise ValueError(f"{path}: label(s) {unknown} are not among the classes {list(class_names)}")
+    df = df.assign(label=df["label"].map(index).astype(int))
+    return df[cols].sort_values("image", kind="stable").reset_index(drop=True)
+
+
 def atomic_save_figure(fig: Any, path: str | os.PathLike, dpi: int = 120) -> Path:
     """Atomically save a matplotlib figure as PNG and close it."""
     try:

@@ -1,0 +1,1 @@
+"""Experiment drivers: logic modules behind the long-running CLI commands (each with a thin ``register``)."""
