@@ -1,7 +1,10 @@
 """Classification metrics with stratified-bootstrap confidence intervals.
 
 All metrics are computed from one vectorised routine over a batch of confusion matrices and one-vs-rest AUCs,
-so point estimates and every bootstrap resample go through exactly the same code.
+so point estimates and every bootstrap resample go through exactly the same code. Bootstrap resamples are drawn
+in one place (``_Resampler``) as per-sample counts: per image, stratified by class, or, when cluster ids
+(``groups``, e.g. ``subject_id``) repeat, per whole cluster, stratified by the cluster's label. The same draws
+serve :func:`bootstrap_ci` and the paired two-arm comparison :func:`paired_difference_ci`.
 
 Conventions:
     * ``y_true``: int class indices, shape (N,), values in [0, C).
