@@ -215,10 +215,10 @@ def paired_difference_ci(
     if not keys or unknown:
         raise ValueError(f"metrics must be a non-empty subset of {known}; unknown: {unknown}")
     need_auc = any(k == "macro_auc" or k.startswith("auc/") for k in keys)
-    point = {
-        arm: {k: float(np.mean([classification_metrics(y, p, names)[k] for p in runs])) for k in keys}
-        for arm, runs in checked.items()
-    }
+    point = {}
+    for arm, runs in checked.items():
+        per_run = [classification_metrics(y, p, names) for p in runs]
+        point[arm] = {k: float(np.mean([m[k] for m in per_run])) for k in keys}
     sampler = _Resampler(y, len(names), groups)
     diffs: dict[str, list[np.ndarray]] = {k: [] for k in keys}
     for counts in sampler.counts(n_resamples, seed):
