@@ -6,7 +6,8 @@ Used by every bundle's ``evaluate.json``::
      "output_dir": "$@output_dir + '/evaluation'", "class_names": "@class_names",
      "network": "@network", "val_loader": "@validate#dataloader", "test_loader": "@validate#dataloader", ...}
 
-Nothing patient-identifying is collected: only logits and labels are read from the engine output, overlay files
+Nothing patient-identifying is written or logged: logits and labels are read from the engine output, subject ids
+(``subject_id`` of the batch) are held in memory only to resample whole subjects in the bootstrap, overlay files
 are named by class, and MLflow receives aggregate metrics, run settings and the report files.
 """
 
@@ -57,7 +58,10 @@ class EvaluationReportHandler:
     Args:
         output_dir: report folder, created if needed.
         class_names: C class names in logit order.
-        n_resamples: stratified bootstrap resamples for the CIs (0 disables them).
+        n_resamples: stratified bootstrap resamples for the CIs (0 disables them). When the batches carry
+            ``subject_key`` and a subject has several images, whole subjects are resampled (see
+            :func:`pipelines.evaluation.metrics.bootstrap_ci`); otherwise images are. The result, metrics.md and
+            the MLflow param ``eval.bootstrap_unit`` say which (``subject`` or ``image``).
         seed: bootstrap seed.
         network: the evaluated classifier (returns (N, C) logits); needed for calibration, TTA and explanations.
         val_loader: validation loader (dicts with ``image``, ``label``) for fitting the temperature.
@@ -80,6 +84,8 @@ class EvaluationReportHandler:
             a single channel with two classes is read as the sigmoid logit of class 1.
         label_key: engine-output/loader key of the labels (indices or one-hot).
         image_key: loader key of the images.
+        subject_key: engine-output or batch key of the subject ids used as bootstrap groups (None: always
+            resample images). When any iteration lacks it, the whole run falls back to image-level resampling.
 
     After completion, ``self.result`` holds the result dict and ``self.paths`` the written files.
     """
@@ -110,6 +116,7 @@ class EvaluationReportHandler:
         pred_key: str = "pred",
         label_key: str = "label",
         image_key: str = "image",
+        subject_key: str | None = "subject_id",
     ) -> None:
         self.class_names = [str(c) for c in class_names]
         if len(self.class_names) < 2 or len(set(self.class_names)) != len(self.class_names):
@@ -153,11 +160,13 @@ class EvaluationReportHandler:
         self.pred_key = pred_key
         self.label_key = label_key
         self.image_key = image_key
+        self.subject_key = subject_key
         self.result: dict[str, Any] | None = None
         self.paths: dict[str, Path] = {}
         self.mlflow_run_id: str | None = None
         self._preds: list[np.ndarray] = []
         self._labels: list[np.ndarray] = []
+        self._subjects: list[Any] | None = []
 
     def attach(self, engine: Any) -> None:
         """Register on a MONAI ``SupervisedEvaluator`` (or any ignite Engine producing MONAI-style outputs)."""
@@ -169,12 +178,17 @@ class EvaluationReportHandler:
 
     def reset(self, engine: Any = None) -> None:
         """Drop predictions of a previous run."""
-        self._preds, self._labels = [], []
+        self._preds, self._labels, self._subjects = [], [], []
 
     def collect(self, engine: Any) -> None:
-        """Store logits and labels of one iteration (decollated list of dicts, or one batched dict)."""
+        """Store logits, labels and subject ids of one iteration (decollated list of dicts, or one batched dict).
+
+        Subject ids are read from the engine output, else from ``engine.state.batch`` (where MONAI's
+        SupervisedEvaluator keeps the data-record keys it does not copy into the output).
+        """
         output = engine.state.output
         items = output if isinstance(output, (list, tuple)) else [output]
+        n_items = 0
         for item in items:
             if not isinstance(item, Mapping) or self.pred_key not in item or self.label_key not in item:
                 raise ValueError(
@@ -187,6 +201,39 @@ class EvaluationReportHandler:
                 pred, label = pred[None], label.reshape(1, -1)
             self._preds.append(pred.reshape(pred.shape[0], -1))
             self._labels.append(labels_to_indices(label, len(self.class_names)))
+            n_items += pred.shape[0]
+        if self.subject_key is not None and self._subjects is not None:
+            ids = self._subject_ids(items, n_items)
+            if ids is None:
+                ids = self._subject_ids(getattr(engine.state, "batch", None), n_items)
+            if ids is None:
+                logger.info("EvaluationReportHandler: no %r in the batch; the bootstrap resamples images",
+                            self.subject_key)
+                self._subjects = None
+            else:
+                self._subjects.extend(ids)
+
+    def _subject_ids(self, source: Any, n_items: int) -> list[Any] | None:
+        """The ``subject_key`` values of a decollated list or a batched dict, or None when absent or misaligned."""
+        if source is None:
+            return None
+        entries = source if isinstance(source, (list, tuple)) else [source]
+        ids: list[Any] = []
+        for entry in entries:
+            if not isinstance(entry, Mapping) or entry.get(self.subject_key) is None:
+                return None
+            value = entry[self.subject_key]
+            if isinstance(value, (str, bytes)):
+                ids.append(value)
+            elif hasattr(value, "detach") or isinstance(value, np.ndarray):
+                ids.extend(_to_numpy(value).reshape(-1).tolist())
+            elif isinstance(value, (list, tuple)):
+                ids.extend(value)
+            else:
+                ids.append(value)
+        if len(ids) != n_items or any(i is None for i in ids):
+            return None
+        return ids
 
     def __call__(self, engine: Any) -> None:
         """Events.COMPLETED: compute, write, and log the report; set ``engine.state.metrics``."""
@@ -195,12 +242,12 @@ class EvaluationReportHandler:
             return
         logits = np.concatenate(self._preds)
         labels = np.concatenate(self._labels)
-        logits, labels, is_main = _gather(logits, labels)
+        logits, labels, subjects, is_main = _gather(logits, labels, self._subjects)
         if not is_main:
             return
         run = self._start_mlflow()
         try:
-            result = self.evaluate(logits, labels)
+            result = self.evaluate(logits, labels, groups=subjects)
             for key in ENGINE_METRICS:
                 engine.state.metrics[key] = result["metrics"][key]
             if run is not None:
@@ -212,8 +259,13 @@ class EvaluationReportHandler:
         if run is not None and run[2]:
             run[0].set_terminated(run[1], status="FINISHED")
 
-    def evaluate(self, logits: Any, labels: Any) -> dict[str, Any]:
+    def evaluate(self, logits: Any, labels: Any, groups: Sequence[Any] | None = None) -> dict[str, Any]:
         """Compute and write the whole report from collected logits (N, C) and labels; no MLflow.
+
+        Args:
+            logits: (N, C) logits or softmax probabilities (see ``pred_key``).
+            labels: N labels (indices or one-hot).
+            groups: optional N subject ids; the bootstrap resamples subjects when one has several images.
 
         Returns:
             The result dict (also in ``self.result``), as written to metrics.json.
@@ -224,7 +276,7 @@ class EvaluationReportHandler:
             raise ValueError(f"{len(z)} predictions but {len(y)} labels")
         probs = apply_temperature(z, 1.0)
         result = evaluate_predictions(y, probs, self.class_names, n_resamples=self.n_resamples, seed=self.seed,
-                                      alpha=self.alpha)
+                                      alpha=self.alpha, groups=groups)
         out = self.output_dir
         out.mkdir(parents=True, exist_ok=True)
         paths: dict[str, Path] = {}
@@ -339,6 +391,8 @@ class EvaluationReportHandler:
             Param("eval.n_resamples", str(self.n_resamples)),
             Param("eval.bootstrap_seed", str(self.seed)),
             Param("eval.ci_alpha", str(self.alpha)),
+            Param("eval.bootstrap_unit", str(result["bootstrap_unit"])),
+            Param("eval.n_groups", str(result["n_groups"])),
             Param("eval.class_names", ", ".join(self.class_names)),
         ]
         if "tta" in result:
@@ -354,15 +408,23 @@ class EvaluationReportHandler:
         self.mlflow_run_id = run_id
 
 
-def _gather(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
-    """Concatenate the shards of all ranks under torch.distributed; (logits, labels, is_rank_0)."""
+def _gather(
+    logits: np.ndarray, labels: np.ndarray, subjects: list[Any] | None = None
+) -> tuple[np.ndarray, np.ndarray, list[Any] | None, bool]:
+    """Concatenate the shards of all ranks under torch.distributed; (logits, labels, subjects, is_rank_0).
+
+    Subject ids travel as Python objects, in rank order like the tensors; None when any rank lacks them.
+    """
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return logits, labels, True
+        return logits, labels, subjects, True
     from monai.utils import evenly_divisible_all_gather
 
     # NCCL only moves CUDA tensors.
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     z = evenly_divisible_all_gather(torch.as_tensor(logits, device=device), concat=True)
     y = evenly_divisible_all_gather(torch.as_tensor(labels, device=device), concat=True)
-    return z.cpu().numpy(), y.cpu().numpy(), dist.get_rank() == 0
+    shards: list[list[Any] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(shards, subjects)
+    gathered = None if any(s is None for s in shards) else [i for s in shards for i in s]
+    return z.cpu().numpy(), y.cpu().numpy(), gathered, dist.get_rank() == 0

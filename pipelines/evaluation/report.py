@@ -189,8 +189,10 @@ def markdown_table(result: dict[str, Any], per_class: bool = True, digits: int =
             text += f" W[{_fmt(wilson[key][0], digits)}, {_fmt(wilson[key][1], digits)}]"
         return text
 
+    unit = result.get("bootstrap_unit")
+    by = f", {unit}s resampled" if unit else ""
     lines = [
-        f"| metric | value [{level:g}% bootstrap CI] W[Wilson CI, proportions only] |",
+        f"| metric | value [{level:g}% bootstrap CI{by}] W[Wilson CI, proportions only] |",
         "|---|---|",
         *(f"| {key} | {cell(key)} |" for key in SUMMARY_METRICS if key in metrics),
     ]

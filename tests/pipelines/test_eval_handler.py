@@ -215,3 +215,62 @@ def test_write_evaluation_tables_hold_point_estimates_and_cis(tmp_path):
     md = markdown_table(result)
     lo, hi = result["ci"]["accuracy"]
     assert f"| accuracy | {result['metrics']['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] W[" in md
+
+
+def _repeated_subject_data(n_subjects: int = 6, images_per_subject: int = 3):
+    items = _data(n_subjects * images_per_subject)
+    for i, item in enumerate(items):
+        item["subject_id"] = f"sub-SECRET{i // images_per_subject:03d}"
+    return items
+
+
+@pytest.mark.parametrize("decollate", [True, False])
+def test_repeated_subject_ids_in_the_batch_make_the_bootstrap_resample_subjects(tmp_path, decollate):
+    uri, client = _mlflow_store(tmp_path)
+    handler = EvaluationReportHandler(tmp_path / "r", CLASSES, n_resamples=50, mlflow_tracking_uri=uri,
+                                      mlflow_experiment="eval-test")
+    items = _repeated_subject_data()
+    _run_evaluator(handler, items, decollate=decollate)
+    assert (handler.result["bootstrap_unit"], handler.result["n_groups"]) == ("subject", 6)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        probs = torch.softmax(TinyCNN()(torch.stack([d["image"] for d in items])), 1).numpy()
+    groups = [d["subject_id"] for d in items]
+    reference = evaluate_predictions(np.arange(18) % 3, probs, CLASSES, n_resamples=50, groups=groups)
+    assert handler.result["ci"]["accuracy"] == pytest.approx(reference["ci"]["accuracy"])
+    run = client.get_run(handler.mlflow_run_id)
+    assert run.data.params["eval.bootstrap_unit"] == "subject"
+    assert run.data.params["eval.n_groups"] == "6"
+    assert "subjects resampled" in (tmp_path / "r" / "metrics.md").read_text()
+    saved = (tmp_path / "r" / "metrics.json").read_text()
+    assert "SECRET" not in saved and json.loads(saved)["bootstrap_unit"] == "subject"
+
+
+def test_batches_without_subject_ids_fall_back_to_image_resampling(tmp_path):
+    items = _repeated_subject_data()
+    for item in items:
+        del item["subject_id"]
+    handler = EvaluationReportHandler(tmp_path, CLASSES, n_resamples=20, log_to_mlflow=False)
+    _run_evaluator(handler, items)
+    assert (handler.result["bootstrap_unit"], handler.result["n_groups"]) == ("image", 18)
+    unique_ids = EvaluationReportHandler(tmp_path / "u", CLASSES, n_resamples=20, log_to_mlflow=False)
+    _run_evaluator(unique_ids, _data())
+    assert unique_ids.result["bootstrap_unit"] == "image"
+    assert unique_ids.result["ci"] == handler.result["ci"]
+
+
+def test_one_iteration_without_subject_ids_makes_the_whole_run_resample_images(tmp_path):
+    from types import SimpleNamespace
+
+    handler = EvaluationReportHandler(tmp_path, CLASSES, n_resamples=20, log_to_mlflow=False)
+    logits = torch.eye(3)[[0, 1, 2, 0]]
+    labels = torch.tensor([0, 1, 2, 1])
+    first = SimpleNamespace(state=SimpleNamespace(output={"pred": logits, "label": labels},
+                                                  batch={"subject_id": ["s1", "s1", "s2", "s2"]}))
+    second = SimpleNamespace(state=SimpleNamespace(output={"pred": logits, "label": labels}, batch={}))
+    handler.collect(first)
+    assert handler._subjects == ["s1", "s1", "s2", "s2"]
+    handler.collect(second)
+    assert handler._subjects is None
+    handler.reset()
+    assert handler._subjects == []
