@@ -37,7 +37,7 @@ def _check_positive_int(value: Any, what: str) -> int:
     return int(value)
 
 
-def build_classifier(name: str, in_channels: int = 3, num_classes: int = 2, **kw: Any) -> nn.Module:
+def build_classifier(name: str, in_channels: int = 3, num_classes: int = 2, width: float = 1.0, **kw: Any) -> nn.Module:
     """Build a 2D (or, with ``spatial_dims=3``, 3D) classifier by name.
 
     Args:
@@ -46,6 +46,9 @@ def build_classifier(name: str, in_channels: int = 3, num_classes: int = 2, **kw
             convolution, i.e. the ImageNet stem).
         in_channels: input channels, e.g. 3 for (brain, subdural, bone) CT windows.
         num_classes: output logits.
+        width: channel multiplier of the ResNets (MONAI ``widen_factor``): 0.5 gives a half-width ResNet-18
+            (32-64-128-256 channels, about 4x fewer multiply-adds), the right size for ~1k training images on a
+            CPU budget. Other networks only accept 1.0.
         kw: passed to the MONAI constructor, e.g. ``init_features``/``growth_rate``/``block_config``/
             ``dropout_prob`` for DenseNet, ``widen_factor`` for ResNet. ``pretrained=True`` is refused: weights
             cannot be downloaded here and a silent download would make runs irreproducible.
@@ -64,6 +67,10 @@ def build_classifier(name: str, in_channels: int = 3, num_classes: int = 2, **kw
     kw = dict(kw)
     if kw.pop("pretrained", False):
         raise ValueError(f"{name}: pretrained weights are not supported (they would be downloaded); train from scratch")
+    if not float(width) > 0:
+        raise ValueError(f"{name}: width must be > 0, got {width!r}")
+    if float(width) != 1.0 and not name.startswith("resnet"):
+        raise ValueError(f"{name}: width {width} is only supported for the ResNets; leave it at 1.0")
     spatial_dims = kw.pop("spatial_dims", 2)
     if spatial_dims not in (2, 3):
         raise ValueError(f"{name}: spatial_dims must be 2 or 3, got {spatial_dims!r}")
@@ -78,6 +85,8 @@ def build_classifier(name: str, in_channels: int = 3, num_classes: int = 2, **kw
         return net
     factory = resnet18 if name == "resnet18" else resnet50
     kw.setdefault("conv1_t_stride", 2)
+    if float(width) != 1.0:
+        kw["widen_factor"] = float(width) * float(kw.get("widen_factor", 1.0))
     return factory(pretrained=False, spatial_dims=spatial_dims, n_input_channels=in_channels, num_classes=num_classes,
                    **kw)
 

@@ -270,3 +270,24 @@ def test_network_input_output_verifies_against_the_metadata(tmp_path):
         "--config_file", f"{CFG}/inference.json", env=bundle_env(tmp_path),
     )
     assert "verified with no error" in proc.stdout + proc.stderr
+
+
+def test_train_config_holds_the_cpu_recipe():
+    parser = ConfigParser()
+    parser.read_config(str(REPO_ROOT / CFG / "train.json"))
+    parser["dataset_dir"] = "unused"
+    parser["data"] = {"train": []}
+    net = parser.get_parsed_content("network_def")
+    # right-sized hybrid: half-width ResNet-18 stages (basic blocks) under two transformer layers
+    assert (parser.get("cnn_block"), parser.get("cnn_layers"), parser.get("num_layers")) == ("basic", [2, 2, 2, 2], 2)
+    assert sum(p.numel() for p in net.parameters()) < 3_500_000
+    opt = parser.get_parsed_content("optimizer")
+    assert type(opt).__name__ == "AdamW" and [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
+    assert not [t for t in parser.get("train#preprocessing#transforms") if t["_target_"].startswith("Rand")]
+    aug = parser.get_parsed_content("train#prepare_batch")
+    assert type(aug).__name__ == "BatchAugment" and aug.policy["flip_dim"] == -2  # left-right in (x, y) arrays
+    assert parser.get_parsed_content("eval_network") is parser.get_parsed_content("ema").module
+    assert parser.get("validate#handlers")[2]["save_dict"] == {"model": "@eval_network"}
+    evaluate = ConfigParser()
+    evaluate.read_config([str(REPO_ROOT / CFG / "train.json"), str(REPO_ROOT / CFG / "evaluate.json")])
+    assert evaluate.get("eval_network") == "@network"  # evaluation loads the checkpoint into the network it runs

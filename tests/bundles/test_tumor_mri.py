@@ -68,19 +68,24 @@ def test_cnn_gradcam_layer_exists_in_the_network(overlay):
     assert layer in dict(parser.get_parsed_content("network_def").named_modules())
 
 
-def test_train_config_holds_the_reference_recipe():
+def test_train_config_holds_the_cpu_recipe():
     parser = _parser("train", "resnet18", image_size=64)
     opt = parser.get_parsed_content("optimizer")
     sched = parser.get_parsed_content("lr_scheduler")
-    stop = parser.get_parsed_content("early_stop")
-    assert type(opt).__name__ == "Adam"
-    assert opt.defaults["lr"] == 1e-4 and opt.defaults["weight_decay"] == 1e-4
-    assert type(sched).__name__ == "ReduceLROnPlateau"
-    assert (sched.factor, sched.patience, sched.mode) == (0.1, 3, "max")
-    assert stop.patience == 2
-    assert _parser("train").get("image_size") == 224
-    flips = [t for t in parser.get("train#preprocessing#transforms") if t["_target_"] == "RandFlipd"]
-    assert len(flips) == 1 and parser.get("hflip_prob") == 0.5
+    assert type(opt).__name__ == "AdamW" and opt.defaults["lr"] == 1e-3
+    # weight decay on kernels only, never on biases or batch-norm parameters
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
+    assert all(p.ndim > 1 for p in opt.param_groups[0]["params"]) and all(p.ndim <= 1 for p in opt.param_groups[1]["params"])
+    assert type(sched).__name__ == "WarmupCosineSchedule"
+    assert _parser("train").get("image_size") == 128 and parser.get("network_width") == 0.5
+    net = parser.get_parsed_content("network_def")
+    assert net.layer4[0].conv1.out_channels == 256  # half-width ResNet-18
+    # random augmentation runs on whole batches in prepare_batch; the cached preprocessing is deterministic
+    assert not [t for t in parser.get("train#preprocessing#transforms") if t["_target_"].startswith("Rand")]
+    assert type(parser.get_parsed_content("train#prepare_batch")).__name__ == "BatchAugment"
+    # validation, checkpoint and export use the EMA weights
+    assert parser.get_parsed_content("eval_network") is parser.get_parsed_content("ema").module
+    assert _parser("train", "densenet121").get("network_width") == 1.0
 
 
 def test_metadata_passes_the_bundle_schema():
@@ -118,12 +123,12 @@ def test_train_run_finishes_with_the_recipe_params(trained):
     train = trained["runs"][0]
     assert train.info.run_name.startswith("tumor_mri-resnet18-train-") and train.info.status == "FINISHED"
     p = train.data.params
-    assert (p["network"], p["optimizer"], p["learning_rate"], p["weight_decay"]) == ("resnet18", "Adam", "0.0001",
-                                                                                       "0.0001")
-    assert (p["lr_factor"], p["lr_patience"], p["early_stop_patience"]) == ("0.1", "3", "2")
+    assert (p["network"], p["optimizer"], p["learning_rate"], p["weight_decay"]) == ("resnet18", "AdamW", "0.001",
+                                                                                       "0.05")
+    assert (p["lr_scheduler"], p["ema_decay"], p["network_width"]) == ("WarmupCosineSchedule", "0.99", "0.5")
     assert p["n_test_images"] == "16" and p["n_train_images"] == "40"
     history = trained["client"].get_metric_history(train.info.run_id, "val_accuracy")
-    assert 1 <= len(history) <= 2  # early stopping (patience 2) may end before epoch 2; never after
+    assert len(history) == 2  # one validation per epoch
     assert (trained["root"] / "models" / "resnet18" / "model.pt").is_file()
 
 

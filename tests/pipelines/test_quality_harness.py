@@ -1,0 +1,117 @@
+"""The quality harness (``python -m pipelines benchmark-quality``) on the tiny phantom: two seeds, seconds a run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipelines.evaluation.report import read_probabilities, write_probabilities
+from pipelines.experiments.quality import PLAIN, Job, _aligned, benchmark_quality, plan_jobs
+
+TINY = {"image_size": 32, "cnn_block": "basic", "cnn_layers": [1, 1], "cnn_inplanes": [8, 16], "hidden_size": 16,
+        "num_heads": 2, "mlp_dim": 32, "num_layers": 1, "batch_size": 8, "epochs": 2, "warmup_epochs": 0}
+CLASSES = ["NonDemented", "VeryMildDemented", "MildDemented", "ModerateDemented"]
+
+
+@pytest.fixture(scope="module")
+def tiny_slices(tmp_path_factory):
+    import os
+
+    cache = tmp_path_factory.mktemp("cache")
+    old = os.environ.get("NEURO_MONAI_CACHE")
+    os.environ["NEURO_MONAI_CACHE"] = str(cache)
+    try:
+        from pipelines.phantoms.alzheimer import default_dataset
+
+        return Path(default_dataset("alzheimer-tiny")) / "slices"
+    finally:
+        if old is None:
+            os.environ.pop("NEURO_MONAI_CACHE", None)
+        else:
+            os.environ["NEURO_MONAI_CACHE"] = old
+
+
+def test_probability_csv_round_trip_pairs_by_name(tmp_path):
+    probs = np.array([[0.7, 0.1, 0.1, 0.1], [0.1, 0.2, 0.3, 0.4]])
+    write_probabilities(tmp_path / "p.csv", ["/b.png", "/a.png"], [0, 3], probs, CLASSES)
+    # read back in another class order: columns and labels follow the names
+    other = list(reversed(CLASSES))
+    df = read_probabilities(tmp_path / "p.csv", other)
+    assert df["image"].tolist() == ["/a.png", "/b.png"]
+    assert df["label"].tolist() == [0, 3]  # ModerateDemented is index 0 in the reversed order
+    assert df[[f"prob_{c}" for c in other]].to_numpy()[0].tolist() == [0.4, 0.3, 0.2, 0.1]
+    with pytest.raises(ValueError, match="missing column"):
+        read_probabilities(tmp_path / "p.csv", ["x", "y", "z", "w"])
+    text = (tmp_path / "p.csv").read_text().replace(",ModerateDemented,", ",Unknown,")
+    (tmp_path / "bad.csv").write_text(text)
+    with pytest.raises(ValueError, match="Unknown.*not among the classes"):
+        read_probabilities(tmp_path / "bad.csv", CLASSES)
+    with pytest.raises(ValueError, match="2 images x 4 classes"):
+        write_probabilities(tmp_path / "q.csv", ["/a.png", "/b.png"], [0, 1], probs[:, :3], CLASSES)
+
+
+def test_mismatched_test_sets_are_refused(tmp_path):
+    jobs = []
+    for k, images in enumerate((["/a.png", "/b.png"], ["/a.png", "/c.png"])):
+        job = Job("base" if k else PLAIN, 0, tmp_path / str(k))
+        job.out_dir.mkdir()
+        write_probabilities(job.probs_csv, images, [0, 1], np.full((2, 4), 0.25), CLASSES)
+        jobs.append(job)
+    with pytest.raises(ValueError, match="not the same 2 images"):
+        _aligned(jobs, CLASSES)
+
+
+def test_plan_names_every_seed_and_isolates_outputs(tmp_path):
+    jobs = plan_jobs("alz_hybrid", tmp_path, [PLAIN, "base", "vit"], [0, 1], 8, tmp_path / "q", {"epochs": 3})
+    assert [(j.recipe, j.seed) for j in jobs] == [(PLAIN, 0), (PLAIN, 1), ("base", 0), ("base", 1), ("vit", 0), ("vit", 1)]
+    assert "--budget-min" in jobs[0].cmd and jobs[0].cmd[jobs[0].cmd.index("--seed") + 1] == "0"
+    base = jobs[3]
+    assert base.overrides["seed"] == 1 and base.overrides["epochs"] == 3
+    assert base.overrides["ckpt_dir"].endswith("base/seed1/models")
+    assert [Path(f).name for f in jobs[4].config_files] == ["train.json", "vit.json"]
+
+
+@pytest.mark.slow
+def test_harness_runs_two_seeds_pairs_and_logs(tiny_slices, tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("NEURO_MONAI_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "quality"
+    result = benchmark_quality("alz_hybrid", str(tiny_slices), ["base"], [0, 1], budget_min=0.01, out_dir=out,
+                               overrides=TINY, threads=1, jobs=1, plain_image_size=32, n_bootstrap=200,
+                               tracking_uri=uri)
+    runs, summary = result["runs"], result["summary"]
+    assert sorted(zip(runs["recipe"], runs["seed"])) == [("base", 0), ("base", 1), (PLAIN, 0), (PLAIN, 1)]
+    assert (runs["n_test"] == 16).all()  # the phantom's test folder: 4 classes x 4 slices, scored by every run
+    assert (runs["cpu_min"] > 0).all() and (runs["images_per_s"] > 0).all()
+    assert (runs.loc[runs["recipe"] == "base", "epochs"] == 2).all()
+    for m in ("accuracy", "macro_auc"):
+        assert ((runs[f"{m}_ci_low"] <= runs[m] + 1e-9) & (runs[m] <= runs[f"{m}_ci_high"] + 1e-9)).all()
+    base = summary.set_index("recipe").loc["base"]
+    plain = summary.set_index("recipe").loc[PLAIN]
+    # the paired difference is the difference of the seed means, inside its own CI
+    assert base["macro_auc_diff"] == pytest.approx(base["macro_auc_mean"] - plain["macro_auc_mean"], abs=1e-9)
+    assert base["macro_auc_diff_ci_low"] <= base["macro_auc_diff"] <= base["macro_auc_diff_ci_high"]
+    assert base["seeds"] == 2 and base["cpu_ratio_to_plain"] > 0
+    for name in ("runs.csv", "summary.csv", "summary.md"):
+        assert (out / name).is_file()
+    assert "| base | 2 |" in result["markdown"] and "| plain_loop | 2 |" in result["markdown"]
+    assert len(pd.read_csv(out / "runs.csv")) == 4
+    # one parent run with a child per (recipe, seed)
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name("alz_hybrid-quality")
+    children = client.search_runs(exp.experiment_id, f"tags.mlflow.parentRunId = '{result['mlflow_run_id']}'")
+    assert sorted(r.info.run_name for r in children) == ["base-seed0", "base-seed1", "plain_loop-seed0", "plain_loop-seed1"]
+    parent = client.get_run(result["mlflow_run_id"])
+    assert "base.macro_auc_diff" in parent.data.metrics
+    # a second call reuses the finished runs instead of training again
+    record = json.loads((out / "base" / "seed0" / "run.json").read_text())
+    again = benchmark_quality("alz_hybrid", str(tiny_slices), ["base"], [0, 1], budget_min=0.01, out_dir=out,
+                              overrides=TINY, plain_image_size=32, n_bootstrap=200, tracking_uri=uri)
+    assert json.loads((out / "base" / "seed0" / "run.json").read_text()) == record
+    assert again["runs"]["macro_auc"].tolist() == runs["macro_auc"].tolist()
