@@ -38,7 +38,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except Exception as e:  # noqa: BLE001 - only the project's input errors are shortened, see pipelines.errors
+        from pipelines.errors import EXIT_INPUT_ERROR, debug_enabled, find_input_error, one_line
+
+        err = None if debug_enabled() else find_input_error(e)
+        if err is None:
+            raise
+        print(one_line(err), file=sys.stderr)
+        return EXIT_INPUT_ERROR
 
 
 def parse_overrides(items, literal: bool = True) -> dict:

@@ -114,7 +114,33 @@ def _env_overrides() -> dict[str, Any]:
         raise DeployError(f"${OVERRIDES_ENV} must be a JSON object of config ids, got {text!r} ({e})") from e
     if not isinstance(value, dict):
         raise DeployError(f"${OVERRIDES_ENV} must be a JSON object of config ids, got {text!r}")
+    for key, item in value.items():
+        _check_plain_override(str(key), item)
     return value
+
+
+# MONAI ConfigParser evaluates "$..." strings, follows "@..." references, imports "%..." macros and instantiates
+# "_target_" dicts; values from the environment must stay data.
+_CONFIG_PREFIXES = ("$", "@", "%")
+
+
+def _check_plain_override(key: str, value: Any, where: str = "") -> None:
+    """Refuse an environment override that MONAI's ConfigParser would execute or resolve instead of using as a
+    value: ``$``/``@``/``%`` strings, ``_target_``-style keys (``_name_``), anywhere in the value."""
+    where = where or key
+    if key.startswith(_CONFIG_PREFIXES) or any(
+            part.startswith("_") and part.endswith("_") and len(part) > 1 for part in key.split("#")):
+        raise DeployError(f"${OVERRIDES_ENV}: {where!r} sets {key!r}, a config directive; only plain values "
+                          "(numbers, strings, booleans, null, lists) may come from the environment")
+    if isinstance(value, str) and value.startswith(_CONFIG_PREFIXES):
+        raise DeployError(f"${OVERRIDES_ENV}: {where!r} = {value!r} starts with {value[0]!r}, which the config "
+                          "parser would evaluate or resolve; only plain values may come from the environment")
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_plain_override(key, item, f"{where}[{i}]")
+    elif isinstance(value, dict):
+        for k, item in value.items():
+            _check_plain_override(str(k), item, f"{where}#{k}")
 
 
 # --------------------------------------------------------------------------------------------------- DICOM
@@ -293,6 +319,12 @@ class StudyClassifier:
         from monai.transforms import EnsureChannelFirst
 
         mt = EnsureChannelFirst(channel_dim="no_channel")(volume.to_metatensor())
+        check = getattr(self.predictor, "check_volume", None)
+        if check is not None:  # the bundle's modality / minimum-slices rules, as in its own inference
+            try:
+                check(mt, where, volume.modality)
+            except ValueError as e:
+                raise DeployError(str(e)) from e
         return self._classify_volume(mt, info, where, return_slices)
 
     def classify_nifti(self, path: str | os.PathLike, return_slices: bool = False):

@@ -13,10 +13,13 @@ rollout for transformer networks, else Grad-CAM) of the slice that most supports
 
 Bad input gets one 4xx answer ``{"detail": "..."}``: 400 unreadable or unsafe archive (corrupt zip, absolute
 paths, ``..``, links, encryption), 413 too large (upload bytes, unpacked bytes, number of files, compression
-ratio), 415 not a supported file type, 422 readable but unusable (no DICOM series of the app's modality, a blank
-volume...). Limits are checked before unpacking (declared sizes) and while unpacking (bytes actually written);
-nothing is written outside a per-request temporary folder, and file names from the client are never used as
-paths. Uploads and results are not stored.
+ratio of any entry, a NIfTI/DICOM header declaring more voxels than ``$NEURO_MAX_VOXELS`` / ``$NEURO_MAX_BYTES``
+or than its file holds), 415 not a supported file type, 422 readable but unusable (no DICOM series of the app's
+modality, a blank volume...). Limits are checked before unpacking (declared sizes) and while unpacking (bytes
+actually written); headers are checked before any volume is allocated (:mod:`pipelines.io.limits`); nothing is
+written outside a per-request temporary folder, and file names from the client are never used as paths. At most
+``max_concurrent`` requests are classified at once; more get 503 with ``Retry-After``. Uploads and results are
+not stored.
 
 Run (bound to 127.0.0.1 unless ``--host`` says otherwise)::
 
@@ -33,6 +36,7 @@ import re
 import shutil
 import stat
 import tempfile
+import threading
 import zipfile
 import zlib
 from collections.abc import Mapping
@@ -45,12 +49,15 @@ from pydantic import BaseModel, Field
 
 from pipelines.deploy.classifier import DISCLAIMER, DeployError, StudyClassifier
 from pipelines.deploy.specs import get_spec
+from pipelines.io.limits import InputTooLargeError
 
 __all__ = ["Limits", "UploadError", "build_parser", "create_app", "detect_kind", "main", "safe_extract_zip"]
 
 logger = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
+# below this size deflate's own overhead keeps ratios meaningless (a 1 KiB header of zeros)
+_RATIO_MIN_BYTES = 4096
 _IMAGE_MAGIC = {
     b"\x89PNG\r\n\x1a\n": ".png",
     b"\xff\xd8\xff": ".jpg",
@@ -66,7 +73,9 @@ class Limits(BaseModel):
     max_upload_bytes: int = Field(256 * 1024**2, gt=0, description="largest request body accepted (bytes)")
     max_unzipped_bytes: int = Field(1024**3, gt=0, description="largest total unpacked size of a zip (bytes)")
     max_files: int = Field(5000, gt=0, description="most files in a zip")
-    max_ratio: float = Field(200.0, gt=1, description="largest uncompressed/compressed size of one zip entry")
+    max_ratio: float = Field(200.0, gt=1, description="largest uncompressed/compressed size of any zip entry "
+                                                      "(entries under 4 KiB excepted) and of the whole archive")
+    max_concurrent: int = Field(2, gt=0, description="requests classified at once; more are answered 503")
 
 
 class UploadError(HTTPException):
@@ -154,7 +163,8 @@ def safe_extract_zip(zip_path: str | os.PathLike, dest: str | os.PathLike, limit
                 raise UploadError(400, f"zip entry {info.filename!r} is a symbolic link")
             if info.flag_bits & 0x1:
                 raise UploadError(400, f"zip entry {info.filename!r} is encrypted")
-            if info.file_size > limits.max_ratio * max(info.compress_size, 1) and info.file_size > _CHUNK:
+            if (info.file_size > limits.max_ratio * max(info.compress_size, 1)
+                    and info.file_size > _RATIO_MIN_BYTES):
                 ratio = info.file_size / max(info.compress_size, 1)
                 raise UploadError(413, f"zip entry {info.filename!r} expands {ratio:.0f}-fold, more than the limit "
                                        f"of {limits.max_ratio:.0f} (zip bomb?)")
@@ -166,6 +176,10 @@ def safe_extract_zip(zip_path: str | os.PathLike, dest: str | os.PathLike, limit
         if declared > limits.max_unzipped_bytes:
             raise UploadError(413, f"zip archive expands to {declared} bytes, more than the limit of "
                                    f"{limits.max_unzipped_bytes}")
+        packed = sum(i.compress_size for i in infos)
+        if declared > _RATIO_MIN_BYTES and declared > limits.max_ratio * max(packed, 1):
+            raise UploadError(413, f"zip archive expands {declared / max(packed, 1):.0f}-fold, more than the limit "
+                                   f"of {limits.max_ratio:.0f} (zip bomb?)")
         written = 0
         out = []
         for info, target in targets:
@@ -299,7 +313,8 @@ class ErrorBody(BaseModel):
 
 
 _ERRORS = {code: {"model": ErrorBody, "description": text} for code, text in (
-    (400, "unreadable or unsafe archive"), (413, "upload or unpacked archive too large"),
+    (400, "unreadable or unsafe archive"), (413, "upload, unpacked archive or declared image size too large"),
+    (503, "busy: max_concurrent requests already running"),
     (415, "unsupported file type"), (422, "readable input that cannot be classified"))}
 
 
@@ -331,6 +346,7 @@ def create_app(
         classifier = StudyClassifier(spec, model_path, overrides=overrides)
     limits = limits or Limits()
     clf = classifier
+    busy = threading.BoundedSemaphore(limits.max_concurrent)
 
     app = FastAPI(
         title=f"{spec.app_name} classification service",
@@ -364,6 +380,15 @@ def create_app(
         overlay: bool = Form(False, description="add a Grad-CAM / attention-rollout overlay PNG (base64)"),
     ) -> dict:
         """Classify one study; research use only."""
+        if not busy.acquire(blocking=False):
+            raise HTTPException(503, f"server busy: {limits.max_concurrent} request(s) already being classified; "
+                                     "retry later", headers={"Retry-After": "5"})
+        try:
+            return _predict(file, overlay)
+        finally:
+            busy.release()
+
+    def _predict(file: UploadFile, overlay: bool) -> dict:
         with tempfile.TemporaryDirectory(prefix="neuro-deploy-") as tmp:
             tmp_path = Path(tmp)
             raw = tmp_path / "upload.bin"
@@ -389,6 +414,8 @@ def create_app(
                     try:
                         volume = load_series(files)
                     except DicomSeriesError as e:
+                        if isinstance(e, InputTooLargeError):
+                            raise UploadError(413, str(e).replace(str(study) + os.sep, "")) from e
                         raise DeployError(str(e).replace(str(study) + os.sep, "")) from e
                     result, images = clf.classify_series(volume, return_slices=True)
                 elif kind in ("nifti", "nifti_gz"):
@@ -404,7 +431,8 @@ def create_app(
                     result["overlay"] = {"png_base64": base64.b64encode(png).decode("ascii"), "method": info["method"],
                                          "slice_index": info["slice_index"], "class": info["class"]}
             except DeployError as e:
-                raise UploadError(422, str(e).replace(str(tmp_path) + os.sep, "")) from e
+                status = 413 if isinstance(e.__cause__, InputTooLargeError) else 422
+                raise UploadError(status, str(e).replace(str(tmp_path) + os.sep, "")) from e
         return result
 
     return app
@@ -420,6 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-upload-mb", type=float, default=256.0, help="largest upload (MiB)")
     parser.add_argument("--max-unzipped-mb", type=float, default=1024.0, help="largest unpacked study (MiB)")
     parser.add_argument("--max-files", type=int, default=5000, help="most files in a zip")
+    parser.add_argument("--max-concurrent", type=int, default=2,
+                        help="requests classified at once; more are answered 503 (default 2)")
     return parser
 
 
@@ -430,7 +460,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     limits = Limits(max_upload_bytes=int(args.max_upload_mb * 1024**2),
-                    max_unzipped_bytes=int(args.max_unzipped_mb * 1024**2), max_files=args.max_files)
+                    max_unzipped_bytes=int(args.max_unzipped_mb * 1024**2), max_files=args.max_files,
+                    max_concurrent=args.max_concurrent)
     app = create_app(args.bundle, args.model, limits=limits)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

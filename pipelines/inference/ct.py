@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 
 from pipelines.inference.aggregate import aggregate_probs
-from pipelines.inference.predict import ClassificationPredictor, InputError, _atomic_write
+from pipelines.inference.predict import ClassificationPredictor, InputError, _atomic_write, no_stale_outputs
 from pipelines.manifests.builders import IMAGE_EXTENSIONS
 from pipelines.training.ct_data import hu_to_8bit, is_dicom_file, window_channels
 
@@ -323,13 +323,18 @@ class CTStudyPredictor(ClassificationPredictor):
         ``gradcam`` (PNG names) and ``slices`` (``slice_index``, ``instance_number``, ``position_mm`` along the
         slice normal, ``predicted``, ``prob_<class>``). CSV: one row per slice with the study name.
 
-        The JSON and CSV are written atomically (an error leaves earlier outputs untouched), the JSON last.
+        The JSON and CSV are written atomically, the JSON last; a failed run moves earlier ones aside and writes
+        ``failed.json`` (:func:`pipelines.inference.predict.no_stale_outputs`).
 
         Raises:
             InputError: the input cannot be used (the message names the file or folder and the problem).
         """
         out = Path(output_dir)
-        pairs = self._predict_any(Path(input_path))
+        with no_stale_outputs(out):
+            return self._run_ct(Path(input_path), out)
+
+    def _run_ct(self, input_path: Path, out: Path) -> dict:
+        pairs = self._predict_any(input_path)
         for result, images in pairs:
             if self.gradcam:
                 result["gradcam"] = self._overlays(result, images, out)

@@ -7,11 +7,14 @@ The preprocessing is passed in from the bundle's ``inference.json`` (the same tr
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import json
 import logging
 import os
 import re
 import tempfile
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Sequence
@@ -24,6 +27,11 @@ from pipelines.inference.aggregate import aggregate_probs
 from pipelines.manifests.builders import IMAGE_EXTENSIONS, NIFTI_EXTENSIONS
 
 logger = logging.getLogger(__name__)
+
+#: written to the output folder when an inference fails (the error, the time); removed by the next success
+FAILED_JSON = "failed.json"
+#: outputs a failed run moves aside (``predictions.json`` -> ``predictions.previous.json``)
+PREDICTION_FILES = ("predictions.json", "predictions.csv")
 
 _SUBJECT_RE = re.compile(r"(sub-[A-Za-z0-9]+)")
 
@@ -57,6 +65,42 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return err
+
+
+@contextlib.contextmanager
+def no_stale_outputs(output_dir: str | os.PathLike, names: Sequence[str] = PREDICTION_FILES):
+    """Run an inference so that a failure never leaves an earlier run's results looking current.
+
+    On an exception the existing ``names`` in ``output_dir`` are renamed to ``<stem>.previous<suffix>`` and
+    :data:`FAILED_JSON` (``{"status": "failed", "error", "error_type", "time"}``) is written; the exception is
+    re-raised. On success an old :data:`FAILED_JSON` is removed.
+    """
+    out = Path(output_dir)
+    try:
+        yield
+    except BaseException as err:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            for name in names:
+                old = out / name
+                if old.exists():
+                    os.replace(old, old.with_name(f"{old.stem}.previous{old.suffix}"))
+            root = _root_cause(err)
+            record = {"status": "failed", "error": str(root) or type(root).__name__,
+                      "error_type": type(root).__name__,
+                      "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                      "moved_aside": [f"{Path(n).stem}.previous{Path(n).suffix}" for n in names]}
+            _atomic_write(out / FAILED_JSON, lambda p: p.write_text(json.dumps(record, indent=2)))
+        except OSError as write_err:  # an unwritable folder must not hide the original error
+            logger.warning("%s: cannot record the failure (%s)", out, write_err)
+        raise
+    (out / FAILED_JSON).unlink(missing_ok=True)
 
 
 def is_nifti(path: Path) -> bool:
@@ -95,6 +139,16 @@ class ClassificationPredictor:
         aggregation: study aggregation (:func:`pipelines.inference.aggregate.aggregate_probs`).
         topk: k for ``topk_mean``.
         model_name, model_version: recorded in the JSON output.
+        expected_modality: DICOM Modality (or list) the model was trained on, e.g. ``"MR"``; a DICOM series of
+            another modality is refused (None: no check; NIfTI files carry no modality).
+        allow_other_modality: warn instead of refusing a series of another modality.
+        min_slices: fewest voxels a volume must have along every spatial axis (1 slice of a PET or a 2D image
+            saved as a volume is refused); 1 disables the check.
+        series_uid: SeriesInstanceUID to use when a DICOM folder holds several series.
+        series_description: case-insensitive regular expression on SeriesDescription choosing the series when a
+            folder holds several (used when ``series_uid`` is None).
+        max_voxels: largest volume read (voxels); None: ``$NEURO_MAX_VOXELS`` or
+            :data:`pipelines.io.limits.DEFAULT_MAX_VOXELS`.
     """
 
     def __init__(
@@ -110,7 +164,23 @@ class ClassificationPredictor:
         topk: int = 3,
         model_name: str = "model",
         model_version: str = "",
+        expected_modality: str | Sequence[str] | None = None,
+        allow_other_modality: bool = False,
+        min_slices: int = 1,
+        series_uid: str | None = None,
+        series_description: str | None = None,
+        max_voxels: int | None = None,
     ) -> None:
+        if isinstance(min_slices, bool) or int(min_slices) != min_slices or min_slices < 1:
+            raise ValueError(f"min_slices must be an integer >= 1, got {min_slices!r}")
+        if isinstance(expected_modality, str):
+            expected_modality = [expected_modality]
+        self.expected_modality = [str(m).upper() for m in expected_modality] if expected_modality else []
+        self.allow_other_modality = bool(allow_other_modality)
+        self.min_slices = int(min_slices)
+        self.series_uid = series_uid or None
+        self.series_description = series_description or None
+        self.max_voxels = max_voxels
         self.device = torch.device(device)
         self.network = network.to(self.device)
         if ckpt_path is not None:
@@ -138,28 +208,62 @@ class ClassificationPredictor:
     # -- inputs ----------------------------------------------------------------------------------------------
     def load_volume(self, path: Path):
         """A channel-first ``(1, X, Y, Z)`` MetaTensor from a NIfTI file or a DICOM series folder."""
+        modality = None
         if path.is_dir():
             from monai.transforms import EnsureChannelFirst
 
             from pipelines.io.dicom import load_series
 
+            series = load_series(path, series_uid=self.series_uid, series_description=self.series_description,
+                                 max_voxels=self.max_voxels)
+            modality = series.modality
             # to_metatensor() has no channel dimension (like LoadImage without ensure_channel_first)
-            vol = EnsureChannelFirst(channel_dim="no_channel")(load_series(path).to_metatensor())
+            vol = EnsureChannelFirst(channel_dim="no_channel")(series.to_metatensor())
         else:
             from monai.transforms import LoadImage
 
+            from pipelines.io.nifti import check_nifti
+
+            if is_nifti(path):
+                check_nifti(path, limit_voxels=self.max_voxels)  # before any allocation
             try:
                 vol = LoadImage(image_only=True, ensure_channel_first=True)(str(path))
             except Exception as e:
-                raise InputError(f"{path}: cannot read the volume ({e})") from e
+                root = _root_cause(e)
+                raise InputError(f"{path}: cannot read the volume ({type(root).__name__}: {root})") from e
         if vol.ndim != 4 or vol.shape[0] != 1:
             raise InputError(
                 f"{path}: expected a single-channel 3D volume, got array shape {tuple(vol.shape)} "
                 "(channel first); 2D images go in as PNG/JPG, 4D series must be split first"
             )
+        self.check_volume(vol, path, modality)
         if not torch.isfinite(torch.as_tensor(vol)).all():
             raise InputError(f"{path}: volume holds NaN or infinite values")
         return vol
+
+    def check_volume(self, vol, where: object, modality: str | None = None) -> None:
+        """Refuse a volume this model was not trained for: another DICOM Modality (see ``expected_modality``,
+        ``allow_other_modality``) or fewer than ``min_slices`` voxels along a spatial axis.
+
+        Args:
+            vol: channel-first ``(1, X, Y, Z)`` volume.
+            where: file or folder, for the message.
+            modality: the series' DICOM Modality (None for NIfTI: not checked).
+
+        Raises:
+            InputError: one line naming ``where``, what was found and the config id that relaxes the check.
+        """
+        if modality is not None and self.expected_modality and modality.upper() not in self.expected_modality:
+            msg = (f"{where}: DICOM Modality is {modality or 'missing'!r}, this model ({self.model_name}) takes "
+                   f"{' or '.join(self.expected_modality)}")
+            if not self.allow_other_modality:
+                raise InputError(f"{msg}; set config id allow_other_modality=true to classify it anyway")
+            warnings.warn(f"{msg}; classified anyway (allow_other_modality=true)", UserWarning, stacklevel=2)
+        spatial = tuple(int(n) for n in vol.shape[1:])
+        if self.min_slices > 1 and min(spatial) < self.min_slices:
+            raise InputError(f"{where}: volume of shape {spatial} has fewer than {self.min_slices} voxels along an "
+                             "axis; this model needs a 3D volume (not a single slice or a 2D image); lower config "
+                             "id min_slices to accept it")
 
     def _slices_from_volume(self, path: Path) -> tuple[list[torch.Tensor], list[int]]:
         if self.volume_transform is None:
@@ -169,9 +273,7 @@ class ClassificationPredictor:
             items = self.volume_transform({"image": vol})
         except Exception as e:
             # MONAI wraps transform errors; surface the root cause with the file name
-            root = e
-            while root.__cause__ is not None:
-                root = root.__cause__
+            root = _root_cause(e)
             raise InputError(f"{path}: {root}") from e
         if isinstance(items, dict):
             items = [items]
@@ -247,10 +349,16 @@ class ClassificationPredictor:
     def run(self, input_path: str | os.PathLike, output_dir: str | os.PathLike) -> dict:
         """Predict and write ``predictions.csv`` (one row per slice) and ``predictions.json`` to ``output_dir``.
 
-        Files are written atomically: an error leaves earlier outputs untouched.
+        Files are written atomically. A failed run moves earlier outputs aside (``predictions.previous.json``)
+        and writes ``failed.json`` with the error, so an old result is never read as this input's
+        (:func:`no_stale_outputs`).
         """
-        results = self.predict_path(input_path)
         out = Path(output_dir)
+        with no_stale_outputs(out):
+            return self._run(input_path, out)
+
+    def _run(self, input_path: str | os.PathLike, out: Path) -> dict:
+        results = self.predict_path(input_path)
         rows = []
         for r in results:
             for s in r["slices"]:

@@ -32,11 +32,13 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from pipelines.io.limits import InputTooLargeError, check_volume_size
+
 if TYPE_CHECKING:
     import SimpleITK
     from monai.data import MetaTensor
 
-__all__ = ["DicomSeriesError", "DicomVolume", "find_series", "load_series", "read_dicom_slice"]
+__all__ = ["DicomSeriesError", "DicomTooLargeError", "DicomVolume", "find_series", "load_series", "read_dicom_slice"]
 
 _REQUIRED_TAGS = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -53,6 +55,11 @@ _MAX_LISTED = 10
 
 class DicomSeriesError(ValueError):
     """A DICOM file or series cannot be loaded as a volume; the message names the file/folder and the problem."""
+
+
+class DicomTooLargeError(DicomSeriesError, InputTooLargeError):
+    """Rows x Columns x frames x bits of a file (or a whole series) over the size limits or over what the file
+    holds (:mod:`pipelines.io.limits`)."""
 
 
 @dataclass
@@ -139,6 +146,26 @@ def _has_preamble(path: Path) -> bool:
     return len(head) == 132 and head[128:132] == b"DICM"
 
 
+def _plausible_raw_dicom(path: Path) -> bool:
+    """Cheap test of a file without the DICM preamble: does it start like a DICOM data set (an even group
+    0x0002..0x7FE0, then an explicit VR or an implicit length that fits the file)? Saves pydicom's ``force=True``
+    parse of files that cannot be DICOM (zero-filled, text, images)."""
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if len(head) < 8:
+        return False
+    size = path.stat().st_size
+    for order in ("little", "big"):
+        group = int.from_bytes(head[0:2], order)
+        if group % 2 or not 0x0002 <= group <= 0x7FE0:
+            continue
+        if head[4:6].isalpha() and head[4:6].isupper():  # explicit VR
+            return True
+        if int.from_bytes(head[4:8], order) <= size or head[4:8] == b"\xff\xff\xff\xff":  # implicit VR length
+            return True
+    return False
+
+
 def _ensure_transfer_syntax(ds: Dataset) -> None:
     """Files without a File Meta group (ACR-NEMA style) get the transfer syntax they were parsed with."""
     if "TransferSyntaxUID" in getattr(ds, "file_meta", Dataset()):
@@ -160,8 +187,13 @@ def _read_dataset(path: Path, *, headers_only: bool, skip_non_dicom: bool) -> Da
     """
     try:
         preamble = _has_preamble(path)
+        plausible = preamble or _plausible_raw_dicom(path)
     except OSError as err:
         raise DicomSeriesError(f"{path}: cannot be read ({err})") from err
+    if not plausible:
+        if skip_non_dicom:
+            return None
+        raise DicomSeriesError(f"{path}: not a DICOM file (no DICM preamble and no DICOM data set at the start)")
     try:
         with warnings.catch_warnings():
             # pydicom warns (instead of raising) on some truncations; those are re-checked at decode time.
@@ -382,6 +414,37 @@ def _decode(ds: Dataset, path: Path) -> np.ndarray:
         raise DicomSeriesError(f"{path}: cannot decode pixel data ({type(err).__name__}: {err})") from err
 
 
+_NATIVE_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian, "1.2.840.10008.1.2.1.99")
+
+
+def _check_pixel_size(ds: Dataset, path: Path, *, max_voxels: int | None = None) -> None:
+    """Rows x Columns x frames x samples x bits of one file against the limits and, for uncompressed transfer
+    syntaxes, against the file's size, before its pixels are decoded or a volume is allocated."""
+    try:
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        bits = int(ds.get("BitsAllocated", 16) or 16)
+    except (TypeError, ValueError) as err:
+        raise DicomSeriesError(f"{path}: Rows/Columns/NumberOfFrames/SamplesPerPixel/BitsAllocated not numeric "
+                               f"({err})") from err
+    if rows <= 0 or cols <= 0:
+        raise DicomSeriesError(f"{path}: missing or zero Rows/Columns")
+    shape = (frames, rows, cols, samples) if samples > 1 else (frames, rows, cols)
+    # decoded as float32 (or the stored type, whichever is larger)
+    _, _ = check_volume_size(path, shape, max(bits / 8, 4.0), limit_voxels=max_voxels, error=DicomTooLargeError)
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if ts is not None and ts in _NATIVE_SYNTAXES and "PixelData" in ds:
+        need = rows * cols * frames * samples * bits // 8
+        try:
+            size = path.stat().st_size
+        except OSError:
+            return  # not a real file (e.g. headers handed over by MONAI Deploy)
+        if need > size:
+            raise DicomTooLargeError(f"{path}: header declares {rows}x{cols}x{frames} pixels of {bits} bits "
+                                     f"({need:,} bytes), more than the whole file ({size:,} bytes)")
+
+
 def _drop_pixels(ds: Dataset) -> Dataset:
     for keyword in _PIXEL_KEYWORDS:
         if keyword in ds:
@@ -408,6 +471,7 @@ def read_dicom_slice(path: str | Path) -> tuple[np.ndarray, Dataset]:
         raise DicomSeriesError(f"{path}: not a file")
     ds = _read_dataset(path, headers_only=False, skip_non_dicom=False)
     assert ds is not None
+    _check_pixel_size(ds, path)
     raw = _decode(ds, path)
     slope, intercept = _rescale(ds, path)
     with np.errstate(over="ignore", invalid="ignore"):  # non-finite results are reported below
@@ -422,11 +486,17 @@ def read_dicom_slice(path: str | Path) -> tuple[np.ndarray, Dataset]:
 
 
 def _describe(groups: dict[str, list[tuple[Path, Dataset]]]) -> str:
-    return "; ".join(f"{uid} ({items[0][1].get('SeriesDescription', '') or 'no description'}, "
-                     f"{len(items)} files)" for uid, items in groups.items())
+    return "; ".join(f"{uid} ({items[0][1].get('Modality', '') or 'no modality'}, "
+                     f"{items[0][1].get('SeriesDescription', '') or 'no description'!r}, "
+                     f"{len(items)} slices)" for uid, items in groups.items())
 
 
-def load_series(files_or_folder: str | Path | Iterable[str | Path], series_uid: str | None = None) -> DicomVolume:
+def load_series(
+    files_or_folder: str | Path | Iterable[str | Path],
+    series_uid: str | None = None,
+    series_description: str | None = None,
+    max_voxels: int | None = None,
+) -> DicomVolume:
     """Load one DICOM series into a float32 volume, sorted geometrically, rescaled per instance.
 
     Every file is parsed once and its pixels decoded once. Slices are sorted by the projection of
@@ -435,17 +505,24 @@ def load_series(files_or_folder: str | Path | Iterable[str | Path], series_uid: 
 
     Args:
         files_or_folder: a folder (searched recursively), a single file, or an iterable of files.
-        series_uid: SeriesInstanceUID to load; required when the input holds more than one series.
+        series_uid: SeriesInstanceUID to load; required when the input holds more than one series (unless
+            ``series_description`` picks one).
+        series_description: case-insensitive regular expression searched in SeriesDescription; used when
+            ``series_uid`` is None and must match exactly one series.
+        max_voxels: largest volume (voxels); default :func:`pipelines.io.limits.max_voxels` (``$NEURO_MAX_VOXELS``).
 
     Returns:
         A :class:`DicomVolume` (array ``(z, y, x)``, spacing/origin ``(x, y, z)`` LPS mm).
 
     Raises:
-        DicomSeriesError: no DICOM input; several series and no ``series_uid`` (the message lists uid,
-            description and file count of each); unknown ``series_uid``; a corrupt/truncated file; missing
+        DicomSeriesError: no DICOM input; several series and no ``series_uid`` (the message lists uid, modality,
+            description and slice count of each); unknown ``series_uid``; a ``series_description`` matching none
+            or several series; a corrupt/truncated file; missing
             ImagePositionPatient/ImageOrientationPatient/PixelSpacing; mixed orientation, Rows/Columns or
             PixelSpacing; duplicate slice positions; a missing slice (step > 1.5x the median step); colour or
             multi-frame files; NaN/inf after rescale. Non-DICOM files are skipped with a ``UserWarning``.
+        DicomTooLargeError: Rows x Columns x slices over the limits, or a file whose Rows x Columns x bits is
+            larger than the file (checked before the volume is allocated).
     """
     if isinstance(files_or_folder, (str, os.PathLike)):
         where: object = Path(files_or_folder)
@@ -464,8 +541,22 @@ def load_series(files_or_folder: str | Path | Iterable[str | Path], series_uid: 
         if series_uid not in groups:
             raise DicomSeriesError(f"{where}: series {series_uid} not found; available: {_describe(groups)}")
         uid = series_uid
+    elif series_description is not None and len(groups) > 1:
+        import re
+
+        try:
+            pattern = re.compile(series_description, re.IGNORECASE)
+        except re.error as err:
+            raise DicomSeriesError(f"series_description {series_description!r} is not a valid regular expression "
+                                   f"({err})") from err
+        hits = [u for u, items in groups.items() if pattern.search(str(items[0][1].get("SeriesDescription", "")))]
+        if len(hits) != 1:
+            raise DicomSeriesError(f"{where}: series_description {series_description!r} matches {len(hits)} of "
+                                   f"{len(groups)} series; set series_uid to one of: {_describe(groups)}")
+        uid = hits[0]
     elif len(groups) > 1:
-        raise DicomSeriesError(f"{where}: holds {len(groups)} series, pass series_uid= one of: {_describe(groups)}")
+        raise DicomSeriesError(f"{where}: holds {len(groups)} series; choose one with series_uid (config id "
+                               f"series_uid of the inference bundles) or series_description: {_describe(groups)}")
     else:
         uid = next(iter(groups))
     items = groups[uid]
@@ -477,7 +568,11 @@ def load_series(files_or_folder: str | Path | Iterable[str | Path], series_uid: 
         if int(ds.get("NumberOfFrames", 1) or 1) != 1:
             raise DicomSeriesError(f"{path}: multi-frame file ({ds.NumberOfFrames} frames) is not supported by "
                                    "load_series")
+    for path, ds in items:
+        _check_pixel_size(ds, path, max_voxels=max_voxels)
     geom = _geometry(items, where)
+    check_volume_size(where, (len(items), geom.rows, geom.columns), 4, limit_voxels=max_voxels,
+                      error=DicomTooLargeError)
 
     volume = np.empty((len(items), geom.rows, geom.columns), dtype=np.float32)
     sorted_items = [items[i] for i in geom.order]

@@ -138,6 +138,9 @@ def _class_name(value: str, class_names: Sequence[str], where: str) -> str:
     raise ManifestError(f"{where}: label {value!r} is not one of {list(class_names)} (or their indices)")
 
 
+_MAX_PROBLEMS = 10
+
+
 def build_pet_manifest(
     dataset_dir: str | os.PathLike,
     class_names: Sequence[str] = CLASS_NAMES,
@@ -162,7 +165,7 @@ def build_pet_manifest(
     Raises:
         ManifestError: missing folder/table/columns, unknown labels, a series folder that is missing, holds no
             DICOM or more than one series, or whose SUV factor cannot be computed (the message names the folder
-            and every missing/invalid tag).
+            and every missing/invalid tag). Every row is checked; one error lists all unusable series.
     """
     root = Path(dataset_dir)
     if not root.is_dir():
@@ -175,47 +178,60 @@ def build_pet_manifest(
     if len(table) == 0:
         raise ManifestError(f"participants table {table_path} has no rows")
     rows = []
+    problems: list[str] = []
     for i, rec in enumerate(table.to_dict("records")):
         where = f"{table_path} row {i + 2}"
-        subject = str(rec["subject_id"]).strip()
-        session = str(rec.get("session_id") or "ses-01").strip()
-        series_dir = rec.get("series_dir")
-        folder = root / (series_dir if isinstance(series_dir, str) and series_dir else f"{subject}/{session}/pet")
-        if not folder.is_dir():
-            raise ManifestError(f"{where}: series folder not found: {folder}")
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                groups = find_series(folder)
-        except DicomSeriesError as e:
-            raise ManifestError(f"{where}: {e}") from e
-        if len(groups) != 1:
-            raise ManifestError(
-                f"{where}: {folder} holds {len(groups)} DICOM series; put one series in each folder"
-            )
-        files = next(iter(groups.values()))
-        try:
-            suv = series_suv_factor(files)
-        except SUVError as e:
-            raise ManifestError(f"{where}: {e}") from e
-        rows.append({
-            "subject_id": subject,
-            "session_id": session,
-            "image": str(folder.resolve()),
-            "label": _class_name(rec[label_column], class_names, where),
-            "split": "",
-            "suv_factor": suv.factor,
-            "suv_units": suv.units,
-            "suv_method": suv.method,
-            "decay_correction": suv.decay_correction,
-            "weight_kg": suv.weight_kg,
-            "injected_dose_bq": suv.injected_dose_bq,
-            "decay_time_s": suv.decay_time_s,
-            "n_instances": len(files),
-        })
+            rows.append(_pet_row(root, rec, where, label_column, class_names))
+        except ManifestError as e:
+            problems.append(str(e))
+    if problems:
+        listed = "; ".join(problems[:_MAX_PROBLEMS])
+        more = f"; and {len(problems) - _MAX_PROBLEMS} more" if len(problems) > _MAX_PROBLEMS else ""
+        raise ManifestError(f"{len(problems)} of {len(table)} series cannot be used: {listed}{more}")
     df = pd.DataFrame(rows)
     df.attrs["source"] = str(table_path)
     return validate_manifest(df, class_names=class_names, check_files=True)
+
+
+def _pet_row(root: Path, rec: dict, where: str, label_column: str, class_names: Sequence[str]) -> dict:
+    """The manifest row of one participants-table record (ManifestError naming ``where`` when unusable)."""
+    subject = str(rec["subject_id"]).strip()
+    session = str(rec.get("session_id") or "ses-01").strip()
+    series_dir = rec.get("series_dir")
+    folder = root / (series_dir if isinstance(series_dir, str) and series_dir else f"{subject}/{session}/pet")
+    if not folder.is_dir():
+        raise ManifestError(f"{where}: series folder not found: {folder}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            groups = find_series(folder)
+    except DicomSeriesError as e:
+        raise ManifestError(f"{where}: {e}") from e
+    if len(groups) != 1:
+        raise ManifestError(
+            f"{where}: {folder} holds {len(groups)} DICOM series; put one series in each folder"
+        )
+    files = next(iter(groups.values()))
+    try:
+        suv = series_suv_factor(files)
+    except SUVError as e:
+        raise ManifestError(f"{where}: {e}") from e
+    return {
+        "subject_id": subject,
+        "session_id": session,
+        "image": str(folder.resolve()),
+        "label": _class_name(rec[label_column], class_names, where),
+        "split": "",
+        "suv_factor": suv.factor,
+        "suv_units": suv.units,
+        "suv_method": suv.method,
+        "decay_correction": suv.decay_correction,
+        "weight_kg": suv.weight_kg,
+        "injected_dose_bq": suv.injected_dose_bq,
+        "decay_time_s": suv.decay_time_s,
+        "n_instances": len(files),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------- splits

@@ -258,7 +258,17 @@ def test_two_series_without_uid_raise_listing_both(tmp_path):
     with pytest.raises(DicomSeriesError, match="2 series") as err:
         load_series(tmp_path / "mix")
     msg = str(err.value)
-    assert "1.2.3.4.1 (first, 8 files)" in msg and "1.2.3.4.2 (second, 3 files)" in msg
+    assert "1.2.3.4.1 (CT, 'first', 8 slices)" in msg and "1.2.3.4.2 (CT, 'second', 3 slices)" in msg
+    assert "config id series_uid" in msg
+
+
+def test_series_description_picks_one_of_several(tmp_path):
+    _make_series(tmp_path / "mix", series_uid="1.2.3.4.1", description="T1 MPRAGE")
+    _make_series(tmp_path / "mix", n=3, series_uid="1.2.3.4.2", seed=1, description="localizer")
+    assert load_series(tmp_path / "mix", series_description="mprage").series_uid == "1.2.3.4.1"
+    with pytest.raises(DicomSeriesError, match="matches 0 of 2 series") as err:
+        load_series(tmp_path / "mix", series_description="flair")
+    assert "localizer" in str(err.value)
 
 
 def test_series_uid_selects_one_of_several(tmp_path):

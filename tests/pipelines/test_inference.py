@@ -114,13 +114,20 @@ def test_bad_inputs_raise_one_clear_error_naming_the_file(predictor, tmp_path, c
     assert not (tmp_path / "out" / "predictions.json").exists()
 
 
-def test_failed_run_keeps_earlier_outputs(predictor, tmp_path):
+def test_failed_run_moves_earlier_outputs_aside_and_records_the_error(predictor, tmp_path):
+    out = tmp_path / "out"
     good = _volume(tmp_path / "good.nii.gz")
-    predictor.run(good, tmp_path / "out")
-    before = (tmp_path / "out" / "predictions.json").read_text()
+    predictor.run(good, out)
+    before = (out / "predictions.json").read_text()
     with pytest.raises(InputError):
-        predictor.run(_volume(tmp_path / "bad.nii.gz", value=np.nan), tmp_path / "out")
-    assert (tmp_path / "out" / "predictions.json").read_text() == before
+        predictor.run(_volume(tmp_path / "bad.nii.gz", value=np.nan), out)
+    # no stale result that reads as this input's: the old one is kept under another name, the error is recorded
+    assert not (out / "predictions.json").exists() and not (out / "predictions.csv").exists()
+    assert (out / "predictions.previous.json").read_text() == before
+    failed = json.loads((out / "failed.json").read_text())
+    assert failed["status"] == "failed" and "bad.nii.gz" in failed["error"] and "NaN" in failed["error"]
+    predictor.run(good, out)
+    assert (out / "predictions.json").exists() and not (out / "failed.json").exists()
 
 
 def test_state_dict_loads_with_weights_only(tmp_path):

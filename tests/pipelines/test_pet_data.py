@@ -65,6 +65,19 @@ def test_series_without_patient_weight_is_one_manifest_error_naming_the_folder(t
         build_pet_manifest(root)
 
 
+def test_every_bad_series_is_listed_not_only_the_first(tmp_path):
+    root = tmp_path / "ds"
+    make_amyloid_dataset(root, n_subjects=3, seed=0, shape=(16, 16, 16))
+    for sub in ("sub-001", "sub-003"):
+        for path in _files(root / sub / "ses-01" / "pet"):
+            ds = pydicom.dcmread(path)
+            del ds.PatientWeight
+            ds.save_as(path)
+    with pytest.raises(ManifestError, match=r"^2 of 3 series cannot be used") as err:
+        build_pet_manifest(root)
+    assert "sub-001/ses-01/pet" in str(err.value) and "sub-003/ses-01/pet" in str(err.value)
+
+
 def test_missing_series_folder_is_named(tmp_path):
     root = tmp_path / "ds"
     root.mkdir()
