@@ -270,7 +270,7 @@ class EvaluationReportHandler:
             for key in ENGINE_METRICS:
                 engine.state.metrics[key] = result["metrics"][key]
             if run is not None:
-                self._log_mlflow(run[0], run[1], result)
+                self._log_mlflow(run[0], run[1], result, run[2])
         except BaseException:
             if run is not None and run[2]:
                 run[0].set_terminated(run[1], status="FAILED")
@@ -422,10 +422,11 @@ class EvaluationReportHandler:
         digest = file_digest(ckpt)
         exp_id = client.get_run(run_id).info.experiment_id
         runs = client.search_runs(
-            [exp_id], filter_string=f"tags.checkpoint_sha256 = '{digest}' and tags.stage = 'training'",
-            order_by=["attributes.start_time DESC"], max_results=1,
+            [exp_id], filter_string=f"tags.checkpoint_sha256 = '{digest}'",
+            order_by=["attributes.start_time DESC"], max_results=5,
         )
-        return runs[0] if runs else None
+        # an evaluation logged into its own training run (the enhancement sweep) links nothing
+        return next((r for r in runs if r.info.run_id != run_id), None)
 
     def _evaluated_dataset(self, train_run: Any | None) -> tuple[Any, str] | None:
         """(PandasDataset, context) of the evaluated split: the training run's input with the same digest when
@@ -446,8 +447,9 @@ class EvaluationReportHandler:
                     break
         return ds, context
 
-    def _link(self, client: Any, run_id: str) -> tuple[dict[str, str], str | None, Any]:
-        """Tags, LoggedModel id and dataset linking this evaluation to its training run and data."""
+    def _link(self, client: Any, run_id: str, started_here: bool = True) -> tuple[dict[str, str], str | None, Any]:
+        """Tags, LoggedModel id and dataset linking this evaluation to its training run and data; the description
+        only for a run started here (an active run keeps its own)."""
         from mlflow.entities import LoggedModelInput
 
         from pipelines.tracking import run_link
@@ -485,13 +487,14 @@ class EvaluationReportHandler:
                               models=[LoggedModelInput(model_id)] if model_id else None)
         elif model_id:
             client.log_inputs(run_id, models=[LoggedModelInput(model_id)])
-        tags["mlflow.note.content"] = "\n\n".join(lines) + "\n"
+        if started_here:
+            tags["mlflow.note.content"] = "\n\n".join(lines) + "\n"
         return tags, model_id, evaluated[0] if evaluated is not None else None
 
-    def _log_mlflow(self, client: Any, run_id: str, result: dict[str, Any]) -> None:
+    def _log_mlflow(self, client: Any, run_id: str, result: dict[str, Any], started_here: bool = True) -> None:
         from mlflow.entities import Metric, Param, RunTag
 
-        link_tags, model_id, ds = self._link(client, run_id)
+        link_tags, model_id, ds = self._link(client, run_id, started_here)
         now = int(time.time() * 1000)
         ds_name, ds_digest = (ds.name, ds.digest) if ds is not None else (None, None)
         metrics = [Metric(k, v, now, 0, model_id=model_id, dataset_name=ds_name, dataset_digest=ds_digest)
