@@ -11,6 +11,7 @@ spatial size of the run when it was changed; the bundle's configs, metadata.json
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -76,6 +77,25 @@ def outputs_logits(metadata: Mapping[str, Any]) -> bool:
     """True when the first network output is declared as logits (the model then ends with a softmax)."""
     outputs = metadata.get("network_data_format", {}).get("outputs", {})
     return bool(outputs) and next(iter(outputs.values())).get("type") == "logits"
+
+
+@contextlib.contextmanager
+def _global_tracking_uri(uri: str):
+    """Point MLflow's global tracking URI at ``uri`` (``Model.log`` and ``models:/`` URIs resolve through it),
+    then restore both the global and ``MLFLOW_TRACKING_URI`` (``set_tracking_uri`` writes the variable)."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    old_global, old_env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(old_global)
+        if old_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old_env
 
 
 def _torchscript(model: torch.nn.Module, example: torch.Tensor, path: Path) -> Path | None:
@@ -147,28 +167,23 @@ def log_bundle_model(
         experiment_id=run.info.experiment_id, name=name, source_run_id=run_id,
         tags=dict(tags or {}), params=dict(params or {}),
     )
-    previous_uri = mlflow.get_tracking_uri()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, _global_tracking_uri(client.tracking_uri):
         extra = [str(p) for p in sorted((bundle_root / "configs").glob("*.json"))]
         ts = _torchscript(model, torch.from_numpy(example), Path(tmp) / "model.ts")
         if ts is not None:
             extra.append(str(ts))
-        mlflow.set_tracking_uri(client.tracking_uri)  # Model.log resolves the store from the global URI
-        try:
-            info = mlflow.pytorch.log_model(
-                model, name=name, run_id=run_id, model_id=logged.model_id, signature=signature,
-                input_example=example, pip_requirements=pinned_requirements(), extra_files=extra, step=step,
-            )
-            if register_model:
-                from mlflow.exceptions import MlflowException
+        info = mlflow.pytorch.log_model(
+            model, name=name, run_id=run_id, model_id=logged.model_id, signature=signature,
+            input_example=example, pip_requirements=pinned_requirements(), extra_files=extra, step=step,
+        )
+        if register_model:
+            from mlflow.exceptions import MlflowException
 
-                try:
-                    client.get_registered_model(register_model)
-                except MlflowException:
-                    client.create_registered_model(register_model)
-                mv = client.create_model_version(register_model, info.model_uri, run_id=run_id, model_id=logged.model_id)
-                info.registered_model_version = mv.version
-                logger.info("registered %s as %s version %s", info.model_uri, register_model, mv.version)
-        finally:
-            mlflow.set_tracking_uri(previous_uri)
+            try:
+                client.get_registered_model(register_model)
+            except MlflowException:
+                client.create_registered_model(register_model)
+            mv = client.create_model_version(register_model, info.model_uri, run_id=run_id, model_id=logged.model_id)
+            info.registered_model_version = mv.version
+            logger.info("registered %s as %s version %s", info.model_uri, register_model, mv.version)
     return info

@@ -71,7 +71,11 @@ def _bundle_root(tmp):
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mlflow_review")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    return train_and_evaluate(tmp, f"sqlite:///{tmp / 'mlflow.db'}")
+
+
+def train_and_evaluate(tmp, uri):
+    """Train 2 epochs with the bundles' handlers, then evaluate the best checkpoint, both tracked at ``uri``."""
     mp = pytest.MonkeyPatch()
     mp.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
     data, images = _data(tmp / "data")
@@ -121,13 +125,12 @@ def store(tmp_path_factory):
 
 
 @pytest.fixture
-def tracking(store, monkeypatch):
+def tracking(store):
     """``models:/`` URIs resolve through the global tracking URI, as for a user with MLFLOW_TRACKING_URI set."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", store["uri"])
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(store["uri"])
-    yield store
-    mlflow.set_tracking_uri(previous)
+    from pipelines.tracking.model import _global_tracking_uri
+
+    with _global_tracking_uri(store["uri"]):
+        yield store
 
 
 # ------------------------------------------------------------------------------------------------ 1 experiment kind
