@@ -9,6 +9,11 @@ Used by every bundle's ``evaluate.json``::
 Nothing patient-identifying is written or logged: logits and labels are read from the engine output, subject ids
 (``subject_id`` of the batch) are held in memory only to resample whole subjects in the bootstrap, overlay files
 are named by class, and MLflow receives aggregate metrics, run settings and the report files.
+
+The MLflow run is linked to the training run that made the evaluated checkpoint (found by the checkpoint's
+SHA-256, tagged by :class:`pipelines.tracking.handlers.BundleMLFlowHandler`): tags ``train_run_id`` /
+``source_run_id`` / ``source_model_id``, a description with a link to it, the training run's LoggedModel as a
+model input, and the metrics logged against that model and the evaluated dataset (a dataset input).
 """
 
 from __future__ import annotations
@@ -76,6 +81,10 @@ class EvaluationReportHandler:
         mlflow_experiment: experiment of that run (created if absent; default ``evaluation``).
         mlflow_run_name: name of that run.
         tags: extra MLflow tags; runs started here also get ``stage=evaluation``.
+        checkpoint: the evaluated checkpoint file, to find its training run; None: the ``load_path`` of a
+            ``CheckpointLoader`` on the same engine.
+        progress: tqdm progress bar over the evaluated batches; None: the ``progress`` config id (default true);
+            never when stderr is not a terminal.
         alpha: two-sided CI level (0.05 = 95 % CIs).
         calibration_bins: ECE / reliability-diagram bins.
         tta_crop_fraction: crop side fraction of the 5-crop policies.
@@ -117,6 +126,8 @@ class EvaluationReportHandler:
         label_key: str = "label",
         image_key: str = "image",
         subject_key: str | None = "subject_id",
+        checkpoint: str | Path | None = None,
+        progress: bool | None = None,
     ) -> None:
         self.class_names = [str(c) for c in class_names]
         if len(self.class_names) < 2 or len(set(self.class_names)) != len(self.class_names):
@@ -164,6 +175,10 @@ class EvaluationReportHandler:
         self.result: dict[str, Any] | None = None
         self.paths: dict[str, Path] = {}
         self.mlflow_run_id: str | None = None
+        self.checkpoint = checkpoint
+        self.progress = progress
+        self.source_run_id: str | None = None
+        self._engine: Any = None
         self._preds: list[np.ndarray] = []
         self._labels: list[np.ndarray] = []
         self._subjects: list[Any] | None = []
@@ -175,6 +190,10 @@ class EvaluationReportHandler:
         engine.add_event_handler(Events.STARTED, self.reset)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
         engine.add_event_handler(Events.COMPLETED, self)
+        self._engine = engine
+        from pipelines.tracking.handlers import attach_progress
+
+        attach_progress(engine, "evaluate", self.progress)
 
     def reset(self, engine: Any = None) -> None:
         """Drop predictions of a previous run."""
@@ -251,7 +270,7 @@ class EvaluationReportHandler:
             for key in ENGINE_METRICS:
                 engine.state.metrics[key] = result["metrics"][key]
             if run is not None:
-                self._log_mlflow(run[0], run[1], result)
+                self._log_mlflow(run[0], run[1], result, run[2])
         except BaseException:
             if run is not None and run[2]:
                 run[0].set_terminated(run[1], status="FAILED")
@@ -381,11 +400,105 @@ class EvaluationReportHandler:
 
         return open_run(self.mlflow_tracking_uri, self.mlflow_experiment, self.mlflow_run_name, self.tags, "evaluation")
 
-    def _log_mlflow(self, client: Any, run_id: str, result: dict[str, Any]) -> None:
+    def _checkpoint_path(self) -> Path | None:
+        if self.checkpoint:
+            return Path(self.checkpoint)
+        if self._engine is None:
+            return None
+        from monai.handlers import CheckpointLoader
+
+        from pipelines.tracking.handlers import handler_objects
+
+        loader = next((h for h in handler_objects(self._engine) if isinstance(h, CheckpointLoader)), None)
+        return Path(loader.load_path) if loader is not None else None
+
+    def _training_run(self, client: Any, run_id: str) -> Any | None:
+        """The finished training run (same experiment) whose best checkpoint is the evaluated one, else None."""
+        from pipelines.tracking import file_digest
+
+        ckpt = self._checkpoint_path()
+        if ckpt is None or not ckpt.is_file():
+            return None
+        digest = file_digest(ckpt)
+        exp_id = client.get_run(run_id).info.experiment_id
+        runs = client.search_runs(
+            [exp_id], filter_string=f"tags.checkpoint_sha256 = '{digest}'",
+            order_by=["attributes.start_time DESC"], max_results=5,
+        )
+        # an evaluation logged into its own training run (the enhancement sweep) links nothing
+        return next((r for r in runs if r.info.run_id != run_id), None)
+
+    def _evaluated_dataset(self, train_run: Any | None) -> tuple[Any, str] | None:
+        """(PandasDataset, context) of the evaluated split: the training run's input with the same digest when
+        there is one (same name and source), else one named after the bundle and split."""
+        from pipelines.tracking.datasets import CONTEXTS, split_dataset
+
+        loader = getattr(self._engine, "data_loader", None)
+        records = getattr(getattr(loader, "dataset", None), "data", None)
+        if not isinstance(records, Sequence) or not records or not isinstance(records[0], Mapping):
+            return None
+        split = self.tags.get("split", "test")
+        context = CONTEXTS.get(split, split)
+        ds = split_dataset(records, f"{self.tags.get('bundle', self.mlflow_experiment)}-{context}", "unknown")
+        if train_run is not None and train_run.inputs is not None:
+            for di in train_run.inputs.dataset_inputs:
+                if di.dataset.digest == ds.digest:
+                    ds = split_dataset(records, di.dataset.name, json.loads(di.dataset.source).get("uri", "unknown"))
+                    break
+        return ds, context
+
+    def _link(self, client: Any, run_id: str, started_here: bool = True) -> tuple[dict[str, str], str | None, Any]:
+        """Tags, LoggedModel id and dataset linking this evaluation to its training run and data; the description
+        only for a run started here (an active run keeps its own)."""
+        from mlflow.entities import LoggedModelInput
+
+        from pipelines.tracking import run_link
+        from pipelines.tracking.datasets import dataset_input
+
+        tags: dict[str, str] = {}
+        model_id = None
+        try:
+            train = self._training_run(client, run_id)
+        except Exception as e:
+            logger.warning("could not look up the training run of the evaluated checkpoint: %s", e)
+            train = None
+        evaluated = None
+        try:
+            evaluated = self._evaluated_dataset(train)
+        except Exception as e:
+            logger.warning("could not build the evaluated dataset for MLflow: %s", e)
+        lines = []
+        if train is not None:
+            self.source_run_id = train.info.run_id
+            tags["train_run_id"] = tags["source_run_id"] = train.info.run_id
+            model_id = train.data.tags.get("model_id")
+            lines.append(f"Evaluation of training run [{train.info.run_name or train.info.run_id}]"
+                         f"({run_link(train.info.experiment_id, train.info.run_id)}) "
+                         f"(best epoch {train.data.tags.get('best_epoch', '?')}).")
+            if model_id:
+                tags["source_model_id"] = model_id
+                lines.append(f"Model: `models:/{model_id}`.")
+        else:
+            lines.append("Evaluation of a checkpoint whose training run is not in this experiment.")
+        if evaluated is not None:
+            ds, context = evaluated
+            lines.append(f"Data: `{ds.name}` ({context}, digest `{ds.digest}`, {ds.profile.get('num_rows')} rows).")
+            client.log_inputs(run_id, datasets=[dataset_input(ds, context)],
+                              models=[LoggedModelInput(model_id)] if model_id else None)
+        elif model_id:
+            client.log_inputs(run_id, models=[LoggedModelInput(model_id)])
+        if started_here:
+            tags["mlflow.note.content"] = "\n\n".join(lines) + "\n"
+        return tags, model_id, evaluated[0] if evaluated is not None else None
+
+    def _log_mlflow(self, client: Any, run_id: str, result: dict[str, Any], started_here: bool = True) -> None:
         from mlflow.entities import Metric, Param, RunTag
 
+        link_tags, model_id, ds = self._link(client, run_id, started_here)
         now = int(time.time() * 1000)
-        metrics = [Metric(k, v, now, 0) for k, v in self.mlflow_metrics(result).items()]
+        ds_name, ds_digest = (ds.name, ds.digest) if ds is not None else (None, None)
+        metrics = [Metric(k, v, now, 0, model_id=model_id, dataset_name=ds_name, dataset_digest=ds_digest)
+                   for k, v in self.mlflow_metrics(result).items()]
         params = [
             Param("eval.n_samples", str(result["n_samples"])),
             Param("eval.n_resamples", str(self.n_resamples)),
@@ -397,7 +510,7 @@ class EvaluationReportHandler:
         ]
         if "tta" in result:
             params.append(Param("eval.tta_policies", ", ".join(self.tta_policies)))
-        tags = [RunTag(k, v) for k, v in self.tags.items()]
+        tags = [RunTag(k, v) for k, v in {**self.tags, **link_tags}.items()]
         for start in range(0, max(len(metrics), 1), _MLFLOW_BATCH):
             client.log_batch(run_id, metrics=metrics[start : start + _MLFLOW_BATCH],
                              params=params if start == 0 else [], tags=tags if start == 0 else [])

@@ -4,6 +4,10 @@ The store is ``sqlite:///<repo>/mlruns/mlflow.db`` with artifacts in ``<repo>/ml
 >= 3.13 refuses plain-folder stores). ``MLFLOW_TRACKING_URI`` overrides it. Review with::
 
     mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db
+
+Every experiment the project creates carries the MLflow 3 experiment-kind tag
+(``mlflow.experimentKind = custom_model_development``), so the UI opens the runs table with the
+training view, not the GenAI view.
 """
 
 from __future__ import annotations
@@ -20,6 +24,11 @@ from typing import Any, Mapping
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+#: MLflow 3 experiment tag read by the UI to choose the training view or the GenAI view.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+#: Value of :data:`EXPERIMENT_KIND_TAG` for model-training experiments.
+EXPERIMENT_KIND = "custom_model_development"
 
 
 def bundle_dir(name: str) -> str:
@@ -57,13 +66,26 @@ def git_commit() -> str:
         return "unknown"
 
 
-def run_params(params: Mapping[str, Any], data: Mapping[str, Any] | None = None) -> dict[str, str]:
+class RunParams(dict):
+    """The params dict of a training run (``str -> str``) that also keeps what the run's handler needs beyond
+    params: ``tracked`` (the config ids as given, before paths are shortened) and ``data`` (the data dict of
+    the bundle: split lists, ``digest``, ``manifest``). MLflow only ever sees the dict itself."""
+
+    tracked: dict[str, Any]
+    data: Mapping[str, Any] | None
+
+
+def run_params(params: Mapping[str, Any], data: Mapping[str, Any] | None = None) -> RunParams:
     """Parameters of a run: the tracked config ids, the manifest digest, split sizes and the git commit.
 
     Paths are reduced to their last component so no user folder names (which may carry patient names)
-    reach MLflow.
+    reach MLflow. The returned :class:`RunParams` also carries ``params`` and ``data`` unchanged, so
+    :class:`pipelines.tracking.handlers.BundleMLFlowHandler` can tag the run and log the splits as MLflow
+    dataset inputs without further config ids.
     """
-    out: dict[str, str] = {}
+    out = RunParams()
+    out.tracked = dict(params)
+    out.data = data
     for k, v in params.items():
         if isinstance(v, (str, os.PathLike)) and os.sep in str(v) and (os.path.isabs(str(v)) or os.path.exists(str(v))):
             v = Path(str(v)).name  # a path: keep only its last component
@@ -84,12 +106,38 @@ def _parse_cli_value(text: str) -> Any:
         return text
 
 
-def save_executed_config(path: str | os.PathLike, argv: list[str] | None = None) -> str | None:
-    """Write the config that ``python -m monai.bundle run`` executed (files merged, CLI overrides applied).
+def executed_config(argv: list[str] | None = None) -> dict | None:
+    """The raw config that ``python -m monai.bundle run`` executes (files merged, CLI overrides applied), or None
+    when not started through ``monai.bundle``. Values are as written (``$`` expressions are not evaluated).
 
     It re-reads ``--config_file`` and the ``--id value`` overrides from the command line the way
-    ``monai.bundle run`` does. Returns the path, or None when not started through ``monai.bundle``.
+    ``monai.bundle run`` does.
     """
+    parser = _executed_parser(argv)
+    return None if parser is None else parser.get()
+
+
+def config_id(key: str, default: Any = None, argv: list[str] | None = None) -> Any:
+    """A literal top-level config id of the running bundle (``--key value`` overrides applied), else ``default``.
+
+    Lets a handler honour an optional id such as ``register_model`` or ``progress`` that a bundle may define or
+    that is only given on the command line. ``$`` expressions and ``@`` references are not evaluated: they give
+    ``default``.
+    """
+    try:
+        cfg = executed_config(argv)
+    except Exception as e:  # a config that cannot be re-read must not stop the run
+        logger.debug("could not re-read the executed config: %s", e)
+        return default
+    if not cfg or key not in cfg:
+        return default
+    value = cfg[key]
+    if isinstance(value, str) and value[:1] in ("$", "@", "%"):
+        return default
+    return value
+
+
+def _executed_parser(argv: list[str] | None = None):
     from monai.bundle import ConfigParser
 
     argv = list(sys.argv if argv is None else argv)
@@ -120,6 +168,20 @@ def save_executed_config(path: str | os.PathLike, argv: list[str] | None = None)
     parser = ConfigParser()
     parser.read_config(files)
     parser.update(args)
+    return parser
+
+
+def save_executed_config(path: str | os.PathLike, argv: list[str] | None = None) -> str | None:
+    """Write the config that ``python -m monai.bundle run`` executed (files merged, CLI overrides applied).
+
+    It re-reads ``--config_file`` and the ``--id value`` overrides from the command line the way
+    ``monai.bundle run`` does. Returns the path, or None when not started through ``monai.bundle``.
+    """
+    from monai.bundle import ConfigParser
+
+    parser = _executed_parser(argv)
+    if parser is None:
+        return None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     ConfigParser.export_config_file(parser.get(), str(path), indent=2)
@@ -135,12 +197,50 @@ def bundle_version(bundle_root: str | os.PathLike) -> str:
         return ""
 
 
+def mark_model_training(client, experiment) -> None:
+    """Tag ``experiment`` (an Experiment or its id) as a model-training experiment unless it already has a kind."""
+    exp = client.get_experiment(experiment) if isinstance(experiment, str) else experiment
+    if exp is not None and EXPERIMENT_KIND_TAG not in (exp.tags or {}):
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+
+
 def experiment_id(client, name: str, tracking_uri: str | None) -> str:
-    """Id of experiment ``name``, creating it (with the project's artifact location) when absent."""
+    """Id of experiment ``name``, creating it (with the project's artifact location) when absent.
+
+    A created experiment is tagged as model training (:data:`EXPERIMENT_KIND_TAG`); an existing one without a
+    kind (made by an older version of the project) is tagged too, a kind set by someone else is left alone.
+    """
+    from mlflow.exceptions import MlflowException
+
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_location(tracking_uri) if tracking_uri else None)
+    if exp is None:
+        try:
+            return client.create_experiment(
+                name, artifact_location=artifact_location(tracking_uri) if tracking_uri else None,
+                tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
+            )
+        except MlflowException as e:  # created meanwhile by a concurrent process
+            if "RESOURCE_ALREADY_EXISTS" not in str(e):
+                raise
+            exp = client.get_experiment_by_name(name)
+    mark_model_training(client, exp)
+    return exp.experiment_id
+
+
+def run_link(experiment_id: str, run_id: str) -> str:
+    """Relative link to a run in the MLflow UI (works in a run description)."""
+    return f"#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, first 16 hex digits (identifies a checkpoint between training and evaluation)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 def open_run(tracking_uri: str | None, experiment: str, run_name: str | None, tags: Mapping[str, Any] | None = None,

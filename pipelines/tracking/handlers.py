@@ -1,11 +1,13 @@
-"""Ignite handlers for tracking: an MLflow handler that ends failed runs as FAILED, and a best-epoch report."""
+"""Ignite handlers for tracking: the bundles' MLflow handler (training view, datasets, logged model, FAILED runs)
+and a best-epoch report."""
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -15,19 +17,98 @@ from monai.handlers import MLFlowHandler
 logger = logging.getLogger(__name__)
 
 
+def handler_objects(engine: Engine) -> Iterator[Any]:
+    """Every object registered as an event handler on ``engine`` (bound methods give their instance; handlers
+    behind an event filter are unwrapped)."""
+    seen: set[int] = set()
+    for entries in list(engine._event_handlers.values()):
+        for entry in entries:
+            fn = entry[0]
+            parent = getattr(fn, "_parent", None)
+            if parent is not None:
+                fn = parent()
+            owner = getattr(fn, "__self__", fn)
+            if owner is not None and id(owner) not in seen:
+                seen.add(id(owner))
+                yield owner
+
+
+def progress_enabled(progress: bool | None = None, stream=None) -> bool:
+    """Whether to show tqdm progress bars: ``progress`` when given, else the bundle's ``progress`` config id
+    (default true), and in either case only when ``stream`` (stderr) is a terminal."""
+    from pipelines.tracking import config_id
+
+    stream = sys.stderr if stream is None else stream
+    if not getattr(stream, "isatty", lambda: False)():
+        return False
+    wanted = config_id("progress", True) if progress is None else progress
+    if isinstance(wanted, str):
+        wanted = wanted.strip().lower() not in ("0", "false", "no", "off", "")
+    return bool(wanted)
+
+
+def attach_progress(engine: Engine, desc: str, progress: bool | None = None, output_transform=None) -> Any:
+    """Attach an ignite ``ProgressBar`` (tqdm, one bar per epoch, cleared at its end) when
+    :func:`progress_enabled`; returns it, or None."""
+    if not progress_enabled(progress):
+        return None
+    from ignite.handlers import ProgressBar
+
+    def _postfix(output):
+        try:
+            return {"loss": float(output_transform(output))}
+        except Exception:
+            return {}
+
+    bar = ProgressBar(persist=False, desc=desc)
+    bar.attach(engine, output_transform=_postfix if output_transform is not None else None)
+    return bar
+
+
 class BundleMLFlowHandler(MLFlowHandler):
-    """MONAI's ``MLFlowHandler`` plus: a failed run is ended ``FAILED`` (never left ``RUNNING``), and a
-    second MLFlowHandler on the same engine (what ``--tracking mlflow`` appends) is detached so each
-    value is logged once.
+    """MONAI's ``MLFlowHandler`` plus what an MLflow user expects of a training run:
+
+    - the experiment is tagged as model training (``mlflow.experimentKind``), so the UI opens the runs table;
+    - the trainer's run gets tags (``stage=training``, bundle, bundle version, network, dataset, data digest,
+      git commit), the train/validation/test splits as dataset inputs (:mod:`pipelines.tracking.datasets`),
+      system metrics (CPU, memory; ``log_system_metrics``) and, at the end, a Markdown description with the best
+      epoch and its validation metrics;
+    - at the end of training the best checkpoint is logged as an MLflow model (:mod:`pipelines.tracking.model`)
+      with the best epoch's metrics, and registered under ``register_model`` when that is set;
+    - a tqdm progress bar per epoch (trainer and validator) when stderr is a terminal;
+    - a failed run is ended ``FAILED`` (never left ``RUNNING``), and a second MLFlowHandler on the same engine
+      (what ``--tracking mlflow`` appends) is detached so each value is logged once.
+
+    Tags, datasets and the model need ``experiment_param`` made by :func:`pipelines.tracking.run_params` (it
+    carries the tracked config ids and the data dict) and, for the model, the bundle's ``metadata.json``.
 
     Args:
         executed_config: path where the executed config is written at start and logged as an artifact.
+        log_model: log the best checkpoint as an MLflow model at the end of training.
+        register_model: Model Registry name to register that model under; None: the bundle's ``register_model``
+            config id (``--register_model NAME``), if any; no registration when that is null too.
+        log_datasets: log the splits as MLflow dataset inputs.
+        log_system_metrics: sample CPU/memory (and GPU when available) into the run's system metrics.
+        progress: progress bars; None: the ``progress`` config id (default true); never when not a terminal.
+        bundle_root: bundle folder for metadata.json and configs; None: ``bundles/<bundle>`` of this repository.
         kwargs: passed to ``MLFlowHandler``.
     """
 
-    def __init__(self, *args, executed_config: str | None = None, **kwargs) -> None:
+    def __init__(self, *args, executed_config: str | None = None, log_model: bool = True,
+                 register_model: str | None = None, log_datasets: bool = True, log_system_metrics: bool = True,
+                 progress: bool | None = None, bundle_root: str | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.executed_config = executed_config
+        self.log_model = log_model
+        self.register_model = register_model
+        self.log_datasets = log_datasets
+        self.log_system_metrics = log_system_metrics
+        self.progress = progress
+        self.bundle_root = bundle_root
+        self.model_info = None
+        self._engine: Engine | None = None
+        self._sysmon = None
+        self._kind_checked = False
 
     def attach(self, engine: Engine) -> None:
         super().attach(engine)
@@ -35,6 +116,17 @@ class BundleMLFlowHandler(MLFlowHandler):
         engine.add_event_handler(Events.EXCEPTION_RAISED, self.exception_raised)
         handlers = engine._event_handlers[Events.EXCEPTION_RAISED]
         handlers.insert(0, handlers.pop())
+        self._engine = engine
+        attach_progress(engine, "train" if self.close_on_complete else "validate", self.progress,
+                        self.output_transform if self.close_on_complete else None)
+
+    def _set_experiment(self) -> None:
+        super()._set_experiment()
+        if not self._kind_checked:
+            from pipelines.tracking import mark_model_training
+
+            mark_model_training(self.client, self.experiment.experiment_id)
+            self._kind_checked = True
 
     def start(self, engine: Engine) -> None:
         self._detach_duplicates(engine)
@@ -52,6 +144,172 @@ class BundleMLFlowHandler(MLFlowHandler):
                 saved = None
             if saved:
                 self.artifacts = tuple(a for a in self.artifacts if a) + (saved,)
+        if self.close_on_complete:  # the trainer's handler owns the run
+            self._engine = engine
+            self._describe_start()
+
+    # ------------------------------------------------------------------ what the trainer's run records
+
+    def _tracked(self) -> tuple[dict[str, Any], Mapping[str, Any] | None]:
+        params = self.experiment_param or {}
+        return dict(getattr(params, "tracked", params)), getattr(params, "data", None)
+
+    def _bundle_root(self) -> Path | None:
+        if self.bundle_root:
+            return Path(self.bundle_root)
+        from pipelines.tracking import bundle_dir
+
+        bundle = self._tracked()[0].get("bundle")
+        root = Path(bundle_dir(str(bundle))) if bundle else None
+        return root if root is not None and (root / "configs" / "metadata.json").is_file() else None
+
+    def _run_tags(self) -> dict[str, str]:
+        from pipelines.tracking import bundle_version, git_commit
+        from pipelines.tracking.datasets import dataset_name
+
+        tracked, data = self._tracked()
+        tags = {"stage": "training", "git_commit": git_commit()}
+        if tracked.get("bundle"):
+            tags["bundle"] = str(tracked["bundle"])
+        root = self._bundle_root()
+        if root is not None:
+            tags["bundle_version"] = bundle_version(root)
+        if tracked.get("network"):
+            tags["network"] = str(tracked["network"])
+        if tracked.get("dataset"):
+            tags["dataset"] = dataset_name(tracked["dataset"])
+        if data is not None and data.get("digest"):
+            tags["data_digest"] = str(data["digest"])
+        return tags
+
+    def _describe_start(self) -> None:
+        from mlflow.entities import RunTag
+
+        run_id = self.cur_run.info.run_id
+        try:
+            tags = self._run_tags()
+            self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+            tracked, data = self._tracked()
+            if self.log_datasets and data is not None:
+                from pipelines.tracking.datasets import log_splits
+
+                self.datasets = log_splits(self.client, run_id, data, tracked.get("dataset"))
+        except Exception as e:  # tracking extras must never stop training
+            logger.warning("could not tag the MLflow run or log its datasets: %s", e)
+        if self.log_system_metrics and self._sysmon is None:
+            try:
+                from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+                self._sysmon = SystemMetricsMonitor(run_id, tracking_uri=self.client.tracking_uri)
+                self._sysmon.start()
+            except Exception as e:
+                logger.warning("system metrics are not logged: %s", e)
+                self._sysmon = None
+
+    def _stop_system_metrics(self) -> None:
+        if self._sysmon is not None:
+            try:
+                self._sysmon.finish()
+            except Exception as e:
+                logger.warning("could not stop the system metrics monitor: %s", e)
+            self._sysmon = None
+
+    def _validator_and_checkpoint(self, engine: Engine) -> tuple[Any, Path | None]:
+        """The trainer's validator (through its ``ValidationHandler``) and its best-metric checkpoint file."""
+        from monai.handlers import CheckpointSaver, ValidationHandler
+
+        validator = next((h.validator for h in handler_objects(engine) if isinstance(h, ValidationHandler)), None)
+        if validator is None:
+            return None, None
+        for h in handler_objects(validator):
+            checkpoint = getattr(h, "_key_metric_checkpoint", None) if isinstance(h, CheckpointSaver) else None
+            if checkpoint is None or not checkpoint._saved:
+                continue
+            # MONAI's saver writes a fixed ``key_metric_filename`` when given, else ignite's generated name
+            fixed = getattr(checkpoint.save_handler, "filename", None)
+            path = Path(fixed or checkpoint._saved[-1].filename)
+            path = path if path.is_absolute() else Path(h.save_dir) / path
+            if path.is_file():
+                return validator, path
+        return validator, None
+
+    def _best_metrics(self, step: int) -> dict[str, float]:
+        run_id = self.cur_run.info.run_id
+        out = {}
+        for key in sorted(self.client.get_run(run_id).data.metrics):
+            if key.startswith("val_"):
+                hist = [m for m in self.client.get_metric_history(run_id, key) if m.step == step]
+                if hist:
+                    out[key] = hist[-1].value
+        return out
+
+    def _finish_training(self) -> None:
+        from mlflow.entities import RunTag
+
+        from pipelines.tracking import config_id, file_digest
+
+        engine = self._engine
+        run_id = self.cur_run.info.run_id
+        tracked, _ = self._tracked()
+        tags = self._run_tags()
+        validator, ckpt = self._validator_and_checkpoint(engine)
+        best_epoch = int(getattr(validator.state, "best_metric_epoch", -1)) if validator is not None else -1
+        key_metric = getattr(validator.state, "key_metric_name", None) if validator is not None else None
+        step = best_epoch if best_epoch > 0 else int(engine.state.epoch)
+        metrics = self._best_metrics(step)
+        root = self._bundle_root()
+        new_tags: dict[str, str] = {}
+        if best_epoch > 0:
+            new_tags["best_epoch"] = str(best_epoch)
+        if ckpt is not None:
+            new_tags["checkpoint_sha256"] = file_digest(ckpt)
+        register = self.register_model if self.register_model is not None else config_id("register_model", None)
+        if self.log_model and ckpt is not None and root is not None and getattr(engine, "network", None) is not None:
+            from pipelines.tracking.model import log_bundle_model
+
+            try:
+                self.model_info = log_bundle_model(
+                    self.client, run_id, engine.network, ckpt, root, image_size=tracked.get("image_size"),
+                    step=step, register_model=register or None,
+                    tags={**{k: v for k, v in tags.items() if k != "stage"}, **new_tags},
+                )
+                new_tags["model_id"] = self.model_info.model_id
+            except Exception as e:  # the model is a convenience: the checkpoint artifact is the record
+                logger.warning("could not log the MLflow model: %s", e)
+        elif self.log_model:
+            logger.info("no MLflow model logged (best checkpoint %s, bundle metadata %s)", ckpt, root)
+        new_tags["mlflow.note.content"] = self._description(tags, tracked, best_epoch, key_metric, metrics, ckpt, root,
+                                                             int(engine.state.epoch), register)
+        self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in new_tags.items()])
+
+    def _description(self, tags, tracked, best_epoch, key_metric, metrics, ckpt, root, epochs, register) -> str:
+        lines = [f"**{tags.get('bundle', 'bundle')}** {tags.get('bundle_version', '')} · network "
+                 f"`{tags.get('network', '?')}` · data `{tags.get('dataset', '?')}` (digest "
+                 f"`{tags.get('data_digest', '?')}`) · commit `{tags.get('git_commit', '?')}`", ""]
+        if best_epoch > 0:
+            lines.append(f"Best epoch **{best_epoch}** of {epochs}"
+                         + (f" by `{key_metric}`" if key_metric else "") + ".")
+        if metrics:
+            lines += ["", "| validation metric (best epoch) | value |", "|---|---|"]
+            lines += [f"| {k} | {v:.4f} |" for k, v in metrics.items()]
+        if ckpt is not None:
+            where = os.path.relpath(ckpt, root) if root is not None and Path(ckpt).resolve().is_relative_to(
+                Path(root).resolve()) else Path(ckpt).name
+            lines += ["", f"Checkpoint: `{where}` in the bundle (also the run artifact `{Path(ckpt).name}`)."]
+        if self.model_info is not None:
+            lines.append(f"Logged model: `{self.model_info.model_uri}` (pytorch, outputs class probabilities)"
+                         + (f", registered as `{register}` version {self.model_info.registered_model_version}."
+                            if register else "."))
+        return "\n".join(lines) + "\n"
+
+    def close(self) -> None:
+        if self.close_on_complete and self.cur_run is not None and self._engine is not None:
+            try:
+                self._finish_training()
+            except Exception as e:  # never leave the run RUNNING because of a description
+                logger.warning("could not describe the MLflow run: %s", e)
+        self._stop_system_metrics()
+        super().close()
 
     def _open_run(self) -> None:
         """The trainer's handler (``close_on_complete``) always opens a new run; the validator's joins the newest
@@ -98,6 +356,7 @@ class BundleMLFlowHandler(MLFlowHandler):
             entries[:] = keep
 
     def exception_raised(self, engine: Engine, e: BaseException) -> None:
+        self._stop_system_metrics()
         if self.cur_run is not None and not getattr(self, "_marked_failed", False):
             self._marked_failed = True
             try:
