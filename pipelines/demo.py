@@ -30,7 +30,7 @@ def _run(cmd: list[str]) -> float:
     return time.time() - t0
 
 
-def run_demo(epochs: int = 8, image_size: int = 128, n_bootstrap: int = 1000) -> dict:
+def run_demo(epochs: int = 20, image_size: int = 128, n_bootstrap: int = 1000) -> dict:
     """Run every step; returns wall times and the key figures."""
     from pipelines.phantoms.alzheimer import default_dataset, example_volume
 
@@ -91,7 +91,7 @@ def run_demo(epochs: int = 8, image_size: int = 128, n_bootstrap: int = 1000) ->
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("demo", help="train, evaluate, predict and export alz_hybrid on the phantom")
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--n-bootstrap", type=int, default=1000)
     p.set_defaults(func=lambda a: run_demo(a.epochs, a.image_size, a.n_bootstrap) and 0)
