@@ -171,8 +171,12 @@ def _bundle_epochs_images(job: Job) -> tuple[int, int]:
 def run_job(job: Job, threads: int = 1, reuse: bool = True) -> dict[str, Any]:
     """Train (unless a finished record exists and ``reuse``), score the test folder, write ``run.json``."""
     if reuse and job.record.is_file() and job.probs_csv.is_file():
-        logger.info("%s seed %d: reusing %s", job.recipe, job.seed, job.record)
-        return json.loads(job.record.read_text())
+        record = json.loads(job.record.read_text())
+        if record.get("command") == job.cmd:
+            logger.info("%s seed %d: reusing %s", job.recipe, job.seed, job.record)
+            return record
+        logger.warning("%s seed %d: %s was made by another command (other overrides or budget); training again",
+                       job.recipe, job.seed, job.record)
     job.out_dir.mkdir(parents=True, exist_ok=True)
     log_path = job.out_dir / "train.log"
     logger.info("%s seed %d: %s (log %s)", job.recipe, job.seed, " ".join(shlex.quote(c) for c in job.cmd), log_path)

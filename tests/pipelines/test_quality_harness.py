@@ -115,3 +115,10 @@ def test_harness_runs_two_seeds_pairs_and_logs(tiny_slices, tmp_path, monkeypatc
                               overrides=TINY, plain_image_size=32, n_bootstrap=200, tracking_uri=uri)
     assert json.loads((out / "base" / "seed0" / "run.json").read_text()) == record
     assert again["runs"]["macro_auc"].tolist() == runs["macro_auc"].tolist()
+    # another budget for the plain loop is another command: that run is not reused
+    from pipelines.experiments.quality import run_job
+
+    plain0 = plan_jobs("alz_hybrid", tiny_slices, [PLAIN], [0], 0.02, out, plain_image_size=32)[0]
+    record = json.loads(plain0.record.read_text())
+    rerun = run_job(plain0)
+    assert rerun["command"] == plain0.cmd and rerun["command"] != record["command"]
