@@ -22,7 +22,9 @@ loop scores, checked by path), and the harness writes
 CPU time is the honest budget on a shared CPU: wall time depends on what else runs. The bundle's CPU time covers
 its whole training process (data loading and checks, per-epoch validation, checkpointing), the plain loop's only
 its training loop, so the comparison favours the plain loop. Test scoring is not counted for either.
-Runs already complete in ``--out-dir`` (``run.json`` present) are reused, so seeds can be added later.
+Runs already complete in ``--out-dir`` (``run.json`` present, made by the same command) are reused, so seeds and
+recipes can be added later; a recipe folder that is a symlink (e.g. ``plain_loop`` -> another study's) shares
+that folder's runs, so a budget curve does not retrain the plain loop.
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ def plan_jobs(bundle: str, dataset_dir: str | os.PathLike, recipes: Sequence[str
     jobs: list[Job] = []
     for recipe in recipes:
         for seed in seeds:
-            job_dir = out / recipe / f"seed{seed}"
+            job_dir = (out / recipe).resolve() / f"seed{seed}"  # a symlinked recipe folder shares its runs
             if recipe == PLAIN:
                 cmd = [python, str(REPO_ROOT / "benchmarks" / "bench_plain_loop.py"), "--data-dir", data,
                        "--budget-min", str(budget_min), "--seed", str(seed), "--threads", str(threads),
