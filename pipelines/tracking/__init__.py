@@ -318,3 +318,13 @@ def mark_dead_runs(client, experiment: str, keep: str | None = None) -> list[str
         except Exception as e:
             logger.warning("could not mark the abandoned MLflow run %s KILLED: %s", run.info.run_id, e)
     return ended
+
+
+def prepare_store(tracking_uri: str | None) -> None:
+    """Create (or migrate) the tracking store now, e.g. on rank 0 before other ranks open clients on it: two
+    processes creating one new SQLite store at once race on its schema."""
+    if not tracking_uri:
+        return
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking_uri=tracking_uri).search_experiments(max_results=1)

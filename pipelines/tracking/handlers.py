@@ -301,9 +301,12 @@ class BundleMLFlowHandler(MLFlowHandler):
         if self.log_model and ckpt is not None and root is not None and getattr(engine, "network", None) is not None:
             from pipelines.tracking.model import log_bundle_model
 
+            network = engine.network
+            if isinstance(network, torch.nn.parallel.DistributedDataParallel):
+                network = network.module
             try:
                 self.model_info = log_bundle_model(
-                    self.client, run_id, engine.network, ckpt, root, image_size=tracked.get("image_size"),
+                    self.client, run_id, network, ckpt, root, image_size=tracked.get("image_size"),
                     step=step, register_model=register or None,
                     tags={**{k: v for k, v in tags.items() if k != "stage"}, **new_tags},
                 )
@@ -470,7 +473,13 @@ class BestEpochReport:
         from pipelines.evaluation.metrics import evaluate_predictions
         from pipelines.evaluation.report import write_evaluation
 
-        probs = torch.softmax(torch.stack(self.logits), dim=1).numpy()
-        result = evaluate_predictions(np.asarray(self.labels), probs, self.class_names, n_resamples=self.n_resamples)
+        from pipelines.training.distributed import gather_rows, rank
+
+        logits = gather_rows(torch.stack(self.logits) if self.logits else torch.zeros(0, len(self.class_names)))
+        labels = gather_rows(torch.as_tensor(self.labels, dtype=torch.long))
+        if rank() != 0:  # every rank takes part in the gather, rank 0 writes
+            return
+        probs = torch.softmax(logits, dim=1).numpy()
+        result = evaluate_predictions(labels.numpy(), probs, self.class_names, n_resamples=self.n_resamples)
         result["epoch"] = int(engine.state.epoch)
         write_evaluation(result, self.output_dir, self.class_names)
