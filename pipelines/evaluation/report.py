@@ -9,8 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from pipelines.evaluation.metrics import PER_CLASS_METRICS, SUMMARY_METRICS, metrics_table  # noqa: E402
+from pipelines.io.atomic import atomic_write  # noqa: E402  (re-exported: the reports' historical home)
 
 __all__ = [
     "atomic_write",
@@ -33,30 +33,6 @@ __all__ = [
     "write_evaluation",
     "markdown_table",
 ]
-
-
-def atomic_write(path: str | os.PathLike, writer: Callable[[Path], None]) -> Path:
-    """Call ``writer(tmp_path)`` on a temporary file in the target folder, then move it onto ``path``.
-
-    Args:
-        path: final file path; its parent folder is created.
-        writer: writes the complete file at the path it is given (a hidden sibling ending in ``.tmp``, so writers
-            must not infer the format from the suffix).
-
-    Returns:
-        ``path`` as a Path.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Not mkstemp: its files are mode 0600, while reports should get the usual umask-based permissions.
-    tmp_path = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        writer(tmp_path)
-        os.replace(tmp_path, path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -259,5 +259,72 @@ def open_run(tracking_uri: str | None, experiment: str, run_name: str | None, ta
         return None
     client = MlflowClient(tracking_uri=tracking_uri)
     exp_id = experiment_id(client, experiment, tracking_uri)
-    run = client.create_run(exp_id, run_name=run_name, tags={**(tags or {}), "stage": "evaluation"})
+    mark_dead_runs(client, exp_id)
+    run = client.create_run(exp_id, run_name=run_name, tags={**(tags or {}), **process_tags(), "stage": "evaluation"})
     return client, run.info.run_id, True
+
+
+#: Run tags naming the process that owns a RUNNING run (see :func:`mark_dead_runs`).
+PID_TAG = "process_id"
+HOST_TAG = "hostname"
+
+
+def process_tags() -> dict[str, str]:
+    """``{process_id, hostname}`` of this process, recorded on every run the project opens."""
+    import socket
+
+    return {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def mark_dead_runs(client, experiment: str, keep: str | None = None) -> list[str]:
+    """End as KILLED every RUNNING run of ``experiment`` (an id) whose owning process is gone.
+
+    A run is judged only when it carries :data:`PID_TAG` and :data:`HOST_TAG` and the host is this machine
+    (a run owned by another host, or by a version of the project that did not record its process, is left
+    alone); its process is gone when ``os.kill(pid, 0)`` finds no such process. ``keep`` (a run id) is never
+    touched. Each run ended is logged at WARNING. Returns the run ids ended.
+    """
+    import socket
+
+    host = socket.gethostname()
+    ended: list[str] = []
+    try:
+        runs = client.search_runs([experiment], filter_string="attributes.status = 'RUNNING'", max_results=1000)
+    except Exception as e:  # a tracking hiccup must not stop a run from starting
+        logger.warning("could not look for abandoned MLflow runs: %s", e)
+        return ended
+    for run in runs:
+        tags = run.data.tags
+        if run.info.run_id == keep or tags.get(HOST_TAG) != host or not str(tags.get(PID_TAG, "")).isdigit():
+            continue
+        pid = int(tags[PID_TAG])
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        try:
+            client.set_terminated(run.info.run_id, status="KILLED")
+            ended.append(run.info.run_id)
+            logger.warning("MLflow run %s (%s) was still RUNNING but its process %d on %s is gone: marked KILLED",
+                           run.info.run_id, run.info.run_name, pid, host)
+        except Exception as e:
+            logger.warning("could not mark the abandoned MLflow run %s KILLED: %s", run.info.run_id, e)
+    return ended
+
+
+def prepare_store(tracking_uri: str | None) -> None:
+    """Create (or migrate) the tracking store now, e.g. on rank 0 before other ranks open clients on it: two
+    processes creating one new SQLite store at once race on its schema."""
+    if not tracking_uri:
+        return
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking_uri=tracking_uri).search_experiments(max_results=1)

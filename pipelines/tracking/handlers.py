@@ -16,6 +16,9 @@ from monai.handlers import MLFlowHandler
 
 logger = logging.getLogger(__name__)
 
+#: ``(tracking uri, experiment id) -> run id`` of the training run this process owns, joined by validators.
+_TRAINING_RUNS: dict[tuple[str, str], str] = {}
+
 
 def handler_objects(engine: Engine) -> Iterator[Any]:
     """Every object registered as an event handler on ``engine`` (bound methods give their instance; handlers
@@ -109,6 +112,7 @@ class BundleMLFlowHandler(MLFlowHandler):
         self._engine: Engine | None = None
         self._sysmon = None
         self._kind_checked = False
+        self._resumed = False
 
     def attach(self, engine: Engine) -> None:
         super().attach(engine)
@@ -131,7 +135,7 @@ class BundleMLFlowHandler(MLFlowHandler):
     def start(self, engine: Engine) -> None:
         self._detach_duplicates(engine)
         if self.cur_run is None:
-            self._open_run()
+            self._open_run(self._resume_run_id(engine) if self.close_on_complete else None)
         super().start(engine)
         self._raise_on_sigterm()
         if self.executed_config:
@@ -146,7 +150,33 @@ class BundleMLFlowHandler(MLFlowHandler):
                 self.artifacts = tuple(a for a in self.artifacts if a) + (saved,)
         if self.close_on_complete:  # the trainer's handler owns the run
             self._engine = engine
-            self._describe_start()
+            if not self._resumed:
+                self._describe_start()
+            else:
+                self._start_system_metrics()
+
+    @staticmethod
+    def _resume_run_id(engine: Engine) -> str | None:
+        """The MLflow run of the checkpoint a :class:`pipelines.training.checkpoint.TrainingCheckpoint` on
+        ``engine`` resumes, else None."""
+        from pipelines.training.checkpoint import TrainingCheckpoint
+
+        for h in handler_objects(engine):
+            if isinstance(h, TrainingCheckpoint) and h.resumed is not None and h.run_id:
+                return str(h.run_id)
+        return None
+
+    def _log_params(self, params: dict[str, Any]) -> None:
+        if self._resumed and self.cur_run is not None:  # MLflow params are write-once: log only new keys
+            logged = self.client.get_run(self.cur_run.info.run_id).data.params
+            changed = sorted(k for k, v in params.items() if k in logged and logged[k] != str(v))
+            if changed:
+                logger.warning("resumed MLflow run %s keeps its original value of %s", self.cur_run.info.run_id,
+                               changed)
+            params = {k: v for k, v in params.items() if k not in logged}
+            if not params:
+                return
+        super()._log_params(params)
 
     # ------------------------------------------------------------------ what the trainer's run records
 
@@ -196,6 +226,10 @@ class BundleMLFlowHandler(MLFlowHandler):
                 self.datasets = log_splits(self.client, run_id, data, tracked.get("dataset"))
         except Exception as e:  # tracking extras must never stop training
             logger.warning("could not tag the MLflow run or log its datasets: %s", e)
+        self._start_system_metrics()
+
+    def _start_system_metrics(self) -> None:
+        run_id = self.cur_run.info.run_id
         if self.log_system_metrics and self._sysmon is None:
             try:
                 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
@@ -267,9 +301,12 @@ class BundleMLFlowHandler(MLFlowHandler):
         if self.log_model and ckpt is not None and root is not None and getattr(engine, "network", None) is not None:
             from pipelines.tracking.model import log_bundle_model
 
+            network = engine.network
+            if isinstance(network, torch.nn.parallel.DistributedDataParallel):
+                network = network.module
             try:
                 self.model_info = log_bundle_model(
-                    self.client, run_id, engine.network, ckpt, root, image_size=tracked.get("image_size"),
+                    self.client, run_id, network, ckpt, root, image_size=tracked.get("image_size"),
                     step=step, register_model=register or None,
                     tags={**{k: v for k, v in tags.items() if k != "stage"}, **new_tags},
                 )
@@ -309,16 +346,49 @@ class BundleMLFlowHandler(MLFlowHandler):
             except Exception as e:  # never leave the run RUNNING because of a description
                 logger.warning("could not describe the MLflow run: %s", e)
         self._stop_system_metrics()
+        if self.close_on_complete and self.cur_run is not None:
+            for key, run_id in list(_TRAINING_RUNS.items()):
+                if run_id == self.cur_run.info.run_id:
+                    del _TRAINING_RUNS[key]
         super().close()
 
-    def _open_run(self) -> None:
-        """The trainer's handler (``close_on_complete``) always opens a new run; the validator's joins the newest
-        RUNNING run of that name. (MONAI's own lookup would reuse an old FAILED run with the same name.)"""
+    def _open_run(self, resume_run_id: str | None = None) -> None:
+        """The trainer's handler (``close_on_complete``) opens a new run, or reopens ``resume_run_id`` (a resumed
+        training); the validator's joins the trainer's run of this process, else the newest RUNNING run of that
+        name. (MONAI's own lookup would reuse an old FAILED run with the same name.)
+
+        Before the trainer's run starts, RUNNING runs of the experiment whose process is gone are marked KILLED
+        (:func:`pipelines.tracking.mark_dead_runs`); the run is tagged with this process id and host."""
         import time
+
+        from mlflow.entities import RunTag
+
+        from pipelines.tracking import mark_dead_runs, process_tags
 
         self._set_experiment()
         name = self.run_name or f"run_{time.strftime('%Y%m%d_%H%M%S')}"
         exp_id = self.experiment.experiment_id
+        key = (str(self.client.tracking_uri), str(exp_id))
+        if self.close_on_complete:
+            mark_dead_runs(self.client, exp_id)
+            if resume_run_id is not None:
+                run = self.client.get_run(resume_run_id)
+                if run.info.experiment_id != exp_id:
+                    raise ValueError(f"the checkpoint's MLflow run {resume_run_id} belongs to another experiment "
+                                     f"({run.info.experiment_id}, not {exp_id} '{self.experiment_name}')")
+                self.client.update_run(resume_run_id, status="RUNNING")
+                self.client.log_batch(resume_run_id, tags=[RunTag(k, v) for k, v in process_tags().items()])
+                self.cur_run = self.client.get_run(resume_run_id)
+                self._resumed = True
+                logger.info("continuing MLflow run %s (%s) from status %s", resume_run_id, run.info.run_name,
+                            run.info.status)
+            else:
+                self.cur_run = self.client.create_run(experiment_id=exp_id, run_name=name, tags=process_tags())
+            _TRAINING_RUNS[key] = self.cur_run.info.run_id
+            return
+        if key in _TRAINING_RUNS:
+            self.cur_run = self.client.get_run(_TRAINING_RUNS[key])
+            return
         if not self.close_on_complete:
             safe = name.replace("'", "\\'")
             runs = self.client.search_runs(
@@ -403,7 +473,13 @@ class BestEpochReport:
         from pipelines.evaluation.metrics import evaluate_predictions
         from pipelines.evaluation.report import write_evaluation
 
-        probs = torch.softmax(torch.stack(self.logits), dim=1).numpy()
-        result = evaluate_predictions(np.asarray(self.labels), probs, self.class_names, n_resamples=self.n_resamples)
+        from pipelines.training.distributed import gather_rows, rank
+
+        logits = gather_rows(torch.stack(self.logits) if self.logits else torch.zeros(0, len(self.class_names)))
+        labels = gather_rows(torch.as_tensor(self.labels, dtype=torch.long))
+        if rank() != 0:  # every rank takes part in the gather, rank 0 writes
+            return
+        probs = torch.softmax(logits, dim=1).numpy()
+        result = evaluate_predictions(labels.numpy(), probs, self.class_names, n_resamples=self.n_resamples)
         result["epoch"] = int(engine.state.epoch)
         write_evaluation(result, self.output_dir, self.class_names)

@@ -58,10 +58,15 @@ class EpochClassificationMetric(Metric):
         self._labels.append(_as_labels(labels).detach().cpu())
 
     def compute(self) -> float:
-        if not self._logits:
+        from pipelines.training.distributed import gather_rows, is_distributed
+
+        if not self._logits and not is_distributed():
             raise RuntimeError(f"metric {self.metric_name} has no data")
-        logits = torch.cat(self._logits)
-        y = torch.cat(self._labels).numpy()
+        local = torch.cat(self._logits) if self._logits else torch.zeros(0, self.num_classes)
+        local_y = torch.cat(self._labels) if self._labels else torch.zeros(0, dtype=torch.long)
+        logits, y = gather_rows(local), gather_rows(local_y).numpy()  # every rank: all ranks' rows
+        if len(y) == 0:
+            raise RuntimeError(f"metric {self.metric_name} has no data")
         probs = torch.softmax(logits, dim=1).numpy()
         pred = probs.argmax(1)
         labels = list(range(self.num_classes))
