@@ -26,7 +26,8 @@ pytestmark = pytest.mark.slow
 CFG = "bundles/alz_hybrid/configs"
 TINY = overrides(image_size=64, network_width=0.25, num_workers=0, batch_size=8, epochs=2)
 ODD_VAL = ["--validate#dataset#data", "$@data['val'][:15]"]
-EVAL = ["--eval_split", "val", *ODD_VAL, "--n_bootstrap", "20", "--tta_policies", "['none']", "--explain_per_class", "0"]
+EVAL = ["--eval_split", "val", *ODD_VAL, "--n_bootstrap", "20", "--tta_policies", "['none']",
+        "--explain_per_class", "0"]
 TOL = 1e-9
 
 
@@ -55,7 +56,8 @@ def _evaluate(trained, processes: int) -> dict:
     """metrics.json of evaluating the 2-process run's model.pt on its validation set with 1 or 2 processes."""
     eval_dir = trained["root"] / f"eval{processes}"
     configs = [f"{CFG}/train.json", f"{CFG}/evaluate.json"] + [f"{CFG}/multi_gpu_evaluate.json"] * (processes == 2)
-    args = ["run", "--config_file", str(configs), *TINY_DATA, *TINY, *trained["paths"], *EVAL, "--eval_dir", str(eval_dir)]
+    args = ["run", "--config_file", str(configs), *TINY_DATA, *TINY, *trained["paths"], *EVAL,
+            "--eval_dir", str(eval_dir)]
     _run(_torchrun(*args) if processes == 2 else [sys.executable, "-m", "monai.bundle", *args], trained["env"])
     return json.loads((eval_dir / "metrics.json").read_text())
 
