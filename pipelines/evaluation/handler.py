@@ -256,13 +256,15 @@ class EvaluationReportHandler:
 
     def __call__(self, engine: Any) -> None:
         """Events.COMPLETED: compute, write, and log the report; set ``engine.state.metrics``."""
-        if not self._preds:
-            logger.warning("EvaluationReportHandler: the evaluator produced no predictions; no report written")
-            return
-        logits = np.concatenate(self._preds)
-        labels = np.concatenate(self._labels)
-        logits, labels, subjects, is_main = _gather(logits, labels, self._subjects)
+        n_classes = len(self.class_names)
+        logits = np.concatenate(self._preds) if self._preds else np.zeros((0, n_classes))
+        labels = np.concatenate(self._labels) if self._labels else np.zeros(0, dtype=np.int64)
+        # every rank takes part in the gather, also one whose shard is empty
+        logits, labels, subjects, is_main = _gather(logits, labels, self._subjects, _sample_indices(engine))
         if not is_main:
+            return
+        if len(labels) == 0:
+            logger.warning("EvaluationReportHandler: the evaluator produced no predictions; no report written")
             return
         run = self._start_mlflow()
         try:
@@ -521,12 +523,25 @@ class EvaluationReportHandler:
         self.mlflow_run_id = run_id
 
 
+def _sample_indices(engine: Any) -> list[int] | None:
+    """Dataset indices of this rank's samples in evaluation order, read from a ``DistributedSampler`` of the
+    engine's loader (MONAI's or torch's); None without one."""
+    loader = getattr(getattr(engine, "state", None), "dataloader", None) or getattr(engine, "data_loader", None)
+    sampler = getattr(loader, "sampler", None)
+    if not isinstance(sampler, torch.utils.data.distributed.DistributedSampler):
+        return None
+    return [int(i) for i in sampler]
+
+
 def _gather(
-    logits: np.ndarray, labels: np.ndarray, subjects: list[Any] | None = None
+    logits: np.ndarray, labels: np.ndarray, subjects: list[Any] | None = None, indices: Sequence[int] | None = None
 ) -> tuple[np.ndarray, np.ndarray, list[Any] | None, bool]:
     """Concatenate the shards of all ranks under torch.distributed; (logits, labels, subjects, is_rank_0).
 
-    Subject ids travel as Python objects, in rank order like the tensors; None when any rank lacks them.
+    Subject ids travel as Python objects, like the tensors; None when any rank lacks them. With the dataset
+    ``indices`` of every rank's rows (its ``DistributedSampler``), the rows are put back in dataset order and the
+    copies a padding sampler adds (torch's ``DistributedSampler`` repeats samples to split evenly) are dropped, so
+    the report, bootstrap included, equals a one-process evaluation; otherwise they stay in rank order.
     """
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -535,9 +550,17 @@ def _gather(
 
     # NCCL only moves CUDA tensors.
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    z = evenly_divisible_all_gather(torch.as_tensor(logits, device=device), concat=True)
-    y = evenly_divisible_all_gather(torch.as_tensor(labels, device=device), concat=True)
-    shards: list[list[Any] | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(shards, subjects)
-    gathered = None if any(s is None for s in shards) else [i for s in shards for i in s]
-    return z.cpu().numpy(), y.cpu().numpy(), gathered, dist.get_rank() == 0
+    z = evenly_divisible_all_gather(torch.as_tensor(logits, device=device), concat=True).cpu().numpy()
+    y = evenly_divisible_all_gather(torch.as_tensor(labels, device=device), concat=True).cpu().numpy()
+    shards: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(shards, (subjects, None if indices is None else list(indices), len(labels)))
+    gathered = None if any(s[0] is None for s in shards) else [i for s in shards for i in s[0]]
+    order = None if any(s[1] is None or len(s[1]) != s[2] for s in shards) else [i for s in shards for i in s[1]]
+    if order is not None:
+        first: dict[int, int] = {}
+        for row, index in enumerate(order):
+            first.setdefault(index, row)  # a padded copy comes after its original
+        rows = [first[i] for i in sorted(first)]
+        z, y = z[rows], y[rows]
+        gathered = None if gathered is None else [gathered[r] for r in rows]
+    return z, y, gathered, dist.get_rank() == 0

@@ -5,6 +5,12 @@ trains a ``DistributedDataParallel`` copy of the network on its share of every e
 the validation set, and the metrics are gathered so that every rank sees the same values (and so agrees on the
 best epoch). Only rank 0 talks to MLflow, logs stats and writes checkpoints and reports.
 
+Every rank must validate the same weights, the ones rank 0 then saves. DDP keeps the *parameters* equal, but not
+the BatchNorm running statistics: each rank updates them from its own batches (DDP only broadcasts rank 0's before
+each training forward), and the EMA copy averages each rank's own. :class:`SyncBuffers` averages them over the
+ranks when validation starts (timm's ``distribute_bn(..., reduce=True)``); without it rank 1 scored its share
+with other statistics than those of the saved ``model.pt``, and the gathered metrics matched no single model.
+
 The backend is ``nccl`` when CUDA is available and ``gloo`` otherwise, so the same overlay runs on GPUs and on a
 CPU machine.
 """
@@ -23,7 +29,8 @@ import torch.distributed as dist
 logger = logging.getLogger(__name__)
 
 __all__ = ["init", "destroy", "rank", "world_size", "local_device", "device_ids", "hold_others", "release_others",
-           "DistributedWeightedSampler", "make_sampler", "rank_zero_handlers", "gather_rows"]
+           "DistributedWeightedSampler", "make_sampler", "rank_zero_handlers", "gather_rows", "sync_buffers",
+           "SyncBuffers"]
 
 
 def is_distributed() -> bool:
@@ -161,3 +168,45 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
 
     device = local_device() if dist.get_backend() == "nccl" else torch.device("cpu")
     return evenly_divisible_all_gather(x.contiguous().to(device), concat=True).to(x.device)
+
+
+@torch.no_grad()
+def sync_buffers(module: torch.nn.Module) -> int:
+    """Make the buffers of ``module`` (a DDP wrapper is unwrapped) equal on every rank: floating-point buffers
+    (BatchNorm ``running_mean``/``running_var``) become their mean over the ranks, the others (``num_batches_tracked``)
+    rank 0's. Returns the number of buffers synchronised (0 outside ``torch.distributed``)."""
+    if not is_distributed() or world_size() == 1:
+        return 0
+    module = getattr(module, "module", module)
+    device = local_device() if dist.get_backend() == "nccl" else torch.device("cpu")
+    n = 0
+    for buf in module.buffers():
+        t = buf.detach().to(device)
+        if t.dtype.is_floating_point:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            t /= world_size()
+        else:
+            dist.broadcast(t, src=0)
+        buf.copy_(t.to(buf.device))
+        n += 1
+    return n
+
+
+class SyncBuffers:
+    """Evaluator handler: :func:`sync_buffers` of ``module`` when the evaluator starts, so that every rank scores
+    its share with the same network (the one rank 0 saves). Attach it to the evaluator, on every rank.
+
+    Args:
+        module: the evaluated network (e.g. the EMA copy).
+    """
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Any = None) -> None:
+        sync_buffers(self.module)
