@@ -342,7 +342,8 @@ def benchmark_quality(bundle: str, dataset_dir: str, recipes: Sequence[str] = ("
                       budget_min: float = 8.0, out_dir: str | os.PathLike | None = None,
                       overrides: Mapping[str, Any] | None = None, threads: int = 1, jobs: int = 1,
                       plain_image_size: int = 128, n_bootstrap: int = 2000, reuse: bool = True,
-                      tracking_uri: str | None = None, title: str | None = None) -> dict[str, Any]:
+                      tracking_uri: str | None = None, title: str | None = None,
+                      report_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """Run (or reuse) every (recipe, seed) and the plain loop, then write and log the tables; see the module doc."""
     from monai.bundle import ConfigParser
 
@@ -359,7 +360,9 @@ def benchmark_quality(bundle: str, dataset_dir: str, recipes: Sequence[str] = ("
         records = list(pool.map(lambda j: run_job(j, threads, reuse), plan))
     # the plain loop orders classes by folder name: re-read its CSV columns in the bundle's class order
     runs, summary = summarise(plan, records, class_names, n_bootstrap=n_bootstrap)
-    runs_csv, summary_csv, md = out / "runs.csv", out / "summary.csv", out / "summary.md"
+    report = Path(report_dir).resolve() if report_dir else out
+    report.mkdir(parents=True, exist_ok=True)
+    runs_csv, summary_csv, md = report / "runs.csv", report / "summary.csv", report / "summary.md"
     runs.to_csv(runs_csv, index=False)
     summary.to_csv(summary_csv, index=False)
     text = summary_markdown(runs, summary, title or f"{bundle} vs the plain loop on {Path(dataset_dir).name}")
@@ -377,7 +380,7 @@ def _main(args: argparse.Namespace) -> int:
 
     result = benchmark_quality(args.bundle, args.dataset_dir, args.recipes, args.seeds, args.budget_min, args.out_dir,
                                parse_overrides(args.override), args.threads, args.jobs, args.plain_image_size,
-                               args.n_bootstrap, not args.no_reuse, args.tracking_uri, args.title)
+                               args.n_bootstrap, not args.no_reuse, args.tracking_uri, args.title, args.report_dir)
     print(result["markdown"])
     print("written: " + ", ".join(str(p) for p in result["paths"]) + f"; MLflow run {result['mlflow_run_id']}")
     return 0
@@ -400,6 +403,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--n-bootstrap", type=int, default=2000)
     p.add_argument("--out-dir", default=None, help="default runs/quality/<bundle>")
     p.add_argument("--title", default=None)
+    p.add_argument("--report-dir", default=None,
+                   help="where runs.csv / summary.csv / summary.md go (default --out-dir), e.g. one report per table")
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--no-reuse", action="store_true", help="re-run runs whose run.json already exists")
     p.set_defaults(func=_main)
