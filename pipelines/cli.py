@@ -38,8 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    from pipelines.tracking.progress import quiet_if
+
     try:
-        return int(args.func(args) or 0)
+        with quiet_if(getattr(args, "quiet", False)):
+            return int(args.func(args) or 0)
     except Exception as e:  # noqa: BLE001 - only the project's input errors are shortened, see pipelines.errors
         from pipelines.errors import EXIT_INPUT_ERROR, debug_enabled, find_input_error, one_line
 

@@ -38,6 +38,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from pipelines.tracking.progress import add_quiet_argument, progress_bar
+
 __all__ = [
     "GRIDS",
     "binary_data",
@@ -377,7 +379,7 @@ def _sweep(root: Path, tags: list[str], out: Path, uri: str, experiment: str, pa
     positive = "Demented"
     rows, child_ids = [], []
     try:
-        for i, tag in enumerate(tags):
+        for i, tag in enumerate(progress_bar(tags, desc=f"sweep {root.name}", unit="combination")):
             kw = combo_kwargs(tag)
             child_name = f"{parent_name}/{tag}"
             work = out / f"{i:02d}_{re.sub(r'[^A-Za-z0-9_.-]', '_', tag)}"
@@ -559,4 +561,5 @@ def register(subparsers: Any) -> None:
     p.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or <repo>/mlruns/mlflow.db)")
     p.add_argument("--experiment", help="MLflow experiment (default: the bundle name)")
     p.add_argument("--out", type=Path, help="output folder (default outputs/enhance_sweep/<time>)")
+    add_quiet_argument(p)
     p.set_defaults(func=_main, grid_given=False)

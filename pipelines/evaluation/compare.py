@@ -41,6 +41,7 @@ import pandas as pd
 
 from pipelines.evaluation.metrics import SUMMARY_METRICS
 from pipelines.evaluation.report import atomic_write_csv, atomic_write_text
+from pipelines.tracking.progress import add_quiet_argument, progress_bar
 
 __all__ = [
     "DEFAULT_METRICS",
@@ -620,7 +621,7 @@ def train_and_compare(
     group = time.strftime("%Y%m%d-%H%M%S")
     plans = [bundle_commands(root, n, group, experiment, overrides) for n in networks]  # fail before training
     eval_ids, failed = [], []
-    for network, plan in zip(networks, plans):
+    for network, plan in progress_bar(list(zip(networks, plans)), desc=f"compare {root.name}", unit="network"):
         t0 = time.time()
         code = runner(plan["train"])
         if code == 0:
@@ -709,4 +710,5 @@ def register(subparsers: Any) -> None:
                         "'base' is train.json's own network")
     p.add_argument("--override", action="append", metavar="ID=VALUE",
                    help="config-id override for every bundle command, e.g. epochs=30 (repeatable)")
+    add_quiet_argument(p)
     p.set_defaults(func=_main)

@@ -45,6 +45,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from pipelines.tracking.progress import PROGRESS_ENV, add_quiet_argument, progress_bar
+
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -75,7 +77,9 @@ class Job:
 
 def _child_env(threads: int) -> dict[str, str]:
     env = dict(os.environ)
-    env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"})
+    # the run writes to train.log: no progress bars in it, even under NEURO_PROGRESS=force
+    env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1",
+                PROGRESS_ENV: "0"})
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     return env
 
@@ -357,7 +361,8 @@ def benchmark_quality(bundle: str, dataset_dir: str, recipes: Sequence[str] = ("
     parser.read_config(str(Path(bundle_dir(bundle)) / "configs" / "train.json"))
     class_names = [str(c) for c in parser.get_parsed_content("class_names")]
     with ThreadPoolExecutor(max_workers=max(1, int(jobs))) as pool:
-        records = list(pool.map(lambda j: run_job(j, threads, reuse), plan))
+        records = list(progress_bar(pool.map(lambda j: run_job(j, threads, reuse), plan), desc=f"benchmark {bundle}",
+                                    total=len(plan), unit="run"))
     # the plain loop orders classes by folder name: re-read its CSV columns in the bundle's class order
     runs, summary = summarise(plan, records, class_names, n_bootstrap=n_bootstrap)
     report = Path(report_dir).resolve() if report_dir else out
@@ -407,4 +412,5 @@ def register(subparsers: Any) -> None:
                    help="where runs.csv / summary.csv / summary.md go (default --out-dir), e.g. one report per table")
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--no-reuse", action="store_true", help="re-run runs whose run.json already exists")
+    add_quiet_argument(p)
     p.set_defaults(func=_main)

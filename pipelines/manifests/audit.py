@@ -31,6 +31,8 @@ from PIL import Image, UnidentifiedImageError
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from pipelines.tracking.progress import progress_bar
+
 __all__ = [
     "AuditReport",
     "LeakageError",
@@ -235,7 +237,7 @@ def duplicate_groups(paths: Sequence[str | Path], near: bool = True, hash_size: 
     paths = list(paths)
     pixel_hashes: list[str] = []
     packed: list[np.ndarray] = []
-    for path in paths:
+    for path in progress_bar(paths, desc="hash images", unit="image"):
         arr = _load_grey(Path(path))
         pixel_hashes.append(_pixel_hash(arr))
         if near:

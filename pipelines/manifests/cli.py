@@ -35,6 +35,7 @@ from typing import Mapping, Sequence
 import pandas as pd
 
 from pipelines.manifests.schema import ManifestError, read_manifest, resolve_paths, write_manifest
+from pipelines.tracking.progress import add_quiet_argument, progress_bar
 
 __all__ = ["build_manifest", "build_manifest_file", "register", "relative_paths"]
 
@@ -404,4 +405,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     a.add_argument("--pseudo-subjects", help="write a manifest whose subjects merge duplicate-linked images")
     a.add_argument("--overwrite", action="store_true", help="replace an existing --pseudo-subjects file")
     a.add_argument("--strict", action="store_true", help="exit with status 2 when leakage is found")
+    add_quiet_argument(a)
     a.set_defaults(func=_reported(_cmd_audit))

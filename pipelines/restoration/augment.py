@@ -44,6 +44,7 @@ import numpy as np
 import pandas as pd
 
 from pipelines.manifests.schema import ManifestError
+from pipelines.tracking.progress import add_quiet_argument, progress_bar
 
 __all__ = [
     "HEALTHY_CLASS_NAMES",
@@ -321,7 +322,7 @@ def restore_augment(
     new_rows = []
     t0 = time.time()
     src_rows = sources.to_dict(orient="records")
-    for k in range(n_new):
+    for k in progress_bar(range(n_new), desc=f"restore {target_class}", unit="image"):
         row = src_rows[k % len(src_rows)]
         sigma = float(sigmas[int(rng.integers(len(sigmas)))])
         noise_seed = int(rng.integers(2**31 - 1))
@@ -473,7 +474,7 @@ def score_augmented(
     @torch.no_grad()
     def probs_of(paths: Sequence[str]) -> np.ndarray:
         out = []
-        for i in range(0, len(paths), batch_size):
+        for i in progress_bar(range(0, len(paths), batch_size), desc="score", unit="batch"):
             x = torch.stack([torch.as_tensor(transform({"image": p})["image"]).float()
                              for p in paths[i : i + batch_size]]).to(device)
             out.append(torch.softmax(network(x).float(), dim=1).cpu().numpy())
@@ -565,7 +566,8 @@ def compare_augmentation(
         epochs_aug = max(1, round(int((overrides or {})["epochs"]) * n_orig / n_aug))
         logger.info("equal steps: original %s epochs x %d images, augmented %d epochs x %d images",
                     overrides["epochs"], n_orig, epochs_aug, n_aug)
-    for variant, manifest in (("original", original_manifest), ("augmented", augmented_manifest)):
+    variants = (("original", original_manifest), ("augmented", augmented_manifest))
+    for variant, manifest in progress_bar(variants, desc=f"train {root.name}/{network}", unit="run"):
         ov = {**(overrides or {}), "manifest": str(Path(manifest).resolve()),
               "output_dir": str((out / variant / "train").resolve()), "ckpt_dir": str((out / variant / "models").resolve()),
               "eval_dir": str((out / variant / "eval").resolve())}
@@ -695,4 +697,5 @@ def register(subparsers: Any) -> None:
                    help="--compare-bundle: scale the augmented run's epochs so both runs take about the same number "
                         "of optimisation steps (needs --override epochs=N)")
     p.add_argument("--tracking-uri", help="MLflow store for --compare-bundle")
+    add_quiet_argument(p)
     p.set_defaults(func=_main)

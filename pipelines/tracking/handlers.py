@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -13,6 +12,8 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from monai.handlers import MLFlowHandler
+
+from pipelines.tracking.progress import progress_enabled
 
 logger = logging.getLogger(__name__)
 
@@ -34,20 +35,6 @@ def handler_objects(engine: Engine) -> Iterator[Any]:
             if owner is not None and id(owner) not in seen:
                 seen.add(id(owner))
                 yield owner
-
-
-def progress_enabled(progress: bool | None = None, stream=None) -> bool:
-    """Whether to show tqdm progress bars: ``progress`` when given, else the bundle's ``progress`` config id
-    (default true), and in either case only when ``stream`` (stderr) is a terminal."""
-    from pipelines.tracking import config_id
-
-    stream = sys.stderr if stream is None else stream
-    if not getattr(stream, "isatty", lambda: False)():
-        return False
-    wanted = config_id("progress", True) if progress is None else progress
-    if isinstance(wanted, str):
-        wanted = wanted.strip().lower() not in ("0", "false", "no", "off", "")
-    return bool(wanted)
 
 
 def attach_progress(engine: Engine, desc: str, progress: bool | None = None, output_transform=None) -> Any:
