@@ -108,6 +108,8 @@ class CTStudyPredictor(ClassificationPredictor):
         gradcam_layer: Grad-CAM layer name (None: the last convolution).
         gradcam_slices: overlays per positive study (its highest-scoring slices that reach the threshold).
         model_name, model_version: recorded in the JSON output.
+        progress: progress bars over series and slices; see
+            :class:`~pipelines.inference.predict.ClassificationPredictor`.
 
     Raises:
         ValueError: unknown aggregation/window preset/positive class, bad ``topk``, ``threshold`` or
@@ -134,6 +136,7 @@ class CTStudyPredictor(ClassificationPredictor):
         gradcam_slices: int = 1,
         model_name: str = "ct_hemorrhage",
         model_version: str = "",
+        progress: bool | None = None,
     ) -> None:
         if aggregation not in STUDY_AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {STUDY_AGGREGATIONS}, got {aggregation!r}")
@@ -150,7 +153,7 @@ class CTStudyPredictor(ClassificationPredictor):
         window_channels(window_preset)
         super().__init__(network, class_names, image_transform, volume_transform=None, ckpt_path=ckpt_path,
                          device=device, batch_size=batch_size, aggregation=aggregation, topk=int(topk),
-                         model_name=model_name, model_version=model_version)
+                         model_name=model_name, model_version=model_version, progress=progress)
         self.slice_transform = slice_transform
         self.window_preset = window_preset
         self.prewindowed = window_preset == "prewindowed"
@@ -241,7 +244,8 @@ class CTStudyPredictor(ClassificationPredictor):
         from pipelines.io.dicom import DicomSeriesError, load_series
 
         out = []
-        for n, (uid, files) in enumerate(self.ct_series(folder), start=start):
+        series = self.ct_series(folder)
+        for n, (uid, files) in enumerate(self._bar(series, desc="series", unit="series"), start=start):
             try:
                 vol = load_series(files, series_uid=uid)
             except DicomSeriesError as err:

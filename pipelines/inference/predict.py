@@ -149,6 +149,8 @@ class ClassificationPredictor:
             folder holds several (used when ``series_uid`` is None).
         max_voxels: largest volume read (voxels); None: ``$NEURO_MAX_VOXELS`` or
             :data:`pipelines.io.limits.DEFAULT_MAX_VOXELS`.
+        progress: progress bars over studies and slices on stderr; None: the bundle's ``progress`` config id
+            (default true); never when stderr is not a terminal (see :mod:`pipelines.tracking.progress`).
     """
 
     def __init__(
@@ -170,6 +172,7 @@ class ClassificationPredictor:
         series_uid: str | None = None,
         series_description: str | None = None,
         max_voxels: int | None = None,
+        progress: bool | None = None,
     ) -> None:
         if isinstance(min_slices, bool) or int(min_slices) != min_slices or min_slices < 1:
             raise ValueError(f"min_slices must be an integer >= 1, got {min_slices!r}")
@@ -194,16 +197,25 @@ class ClassificationPredictor:
         self.topk = topk
         self.model_name = model_name
         self.model_version = model_version
+        self.progress = progress
 
     # -- forward -------------------------------------------------------------------------------------------
     @torch.no_grad()
     def predict_tensors(self, images: Sequence[torch.Tensor]) -> np.ndarray:
         """Softmax probabilities ``(N, C)`` for preprocessed slices ``(1, H, W)``."""
         out = []
-        for i in range(0, len(images), self.batch_size):
-            batch = torch.stack([torch.as_tensor(x).float() for x in images[i : i + self.batch_size]]).to(self.device)
-            out.append(torch.softmax(self.network(batch), dim=1).float().cpu())
+        with self._bar(total=len(images), desc="slices", unit="slice") as bar:
+            for i in range(0, len(images), self.batch_size):
+                batch = torch.stack([torch.as_tensor(x).float() for x in images[i : i + self.batch_size]])
+                out.append(torch.softmax(self.network(batch.to(self.device)), dim=1).float().cpu())
+                bar.update(len(batch))
         return torch.cat(out).numpy() if out else np.zeros((0, len(self.class_names)))
+
+    def _bar(self, iterable=None, **kwargs):
+        """A tqdm bar, quiet unless ``progress`` and stderr is a terminal."""
+        from pipelines.tracking.progress import progress_bar
+
+        return progress_bar(iterable, progress=self.progress, **kwargs)
 
     # -- inputs ----------------------------------------------------------------------------------------------
     def load_volume(self, path: Path):
@@ -335,13 +347,14 @@ class ClassificationPredictor:
         volumes = [p for p in files if is_nifti(p)]
         images = [p for p in files if is_image(p)]
         if volumes:
-            return [self.predict_volume(v) for v in volumes]
+            return [self.predict_volume(v) for v in self._bar(volumes, desc="studies", unit="study")]
         if images:
             groups: "OrderedDict[str, list[Path]]" = OrderedDict()
             for p in images:
                 m = _SUBJECT_RE.search(p.name)
                 groups.setdefault(m.group(1) if m else path.name, []).append(p)
-            return [self.predict_images(g, name) for name, g in groups.items()]
+            return [self.predict_images(g, name)
+                    for name, g in self._bar(list(groups.items()), desc="studies", unit="study")]
         if any(_looks_like_dicom(p) for p in files[:50]):
             return [self.predict_volume(path)]
         raise InputError(f"{path}: folder holds no images, NIfTI volumes or DICOM files")

@@ -69,6 +69,20 @@ def test_image_folder_is_grouped_by_subject(predictor, tmp_path):
     assert [r["n_slices"] for r in results] == [3, 3]
 
 
+def test_study_folder_shows_a_bar_over_studies_only_when_forced(predictor, tmp_path, monkeypatch, capsys):
+    from pipelines.tracking.progress import PROGRESS_ENV
+
+    rng = np.random.default_rng(2)
+    for sid in ("sub-0001", "sub-0002"):
+        Image.fromarray(rng.integers(0, 255, (40, 36), dtype=np.uint8)).save(tmp_path / f"{sid}_slice-0.png")
+    monkeypatch.delenv(PROGRESS_ENV, raising=False)
+    predictor.predict_path(tmp_path)
+    assert "studies" not in capsys.readouterr().err  # stderr is not a terminal under pytest
+    monkeypatch.setenv(PROGRESS_ENV, "force")
+    predictor.predict_path(tmp_path)
+    assert "studies" in capsys.readouterr().err
+
+
 def test_same_slice_from_png_and_from_volume_gets_the_same_probabilities(predictor, tmp_path):
     """The PNG (anterior up) and the axial slice of the RAS volume are normalised identically."""
     rng = np.random.default_rng(2)
