@@ -110,6 +110,8 @@ class CTStudyPredictor(ClassificationPredictor):
         model_name, model_version: recorded in the JSON output.
         progress: progress bars over series and slices; see
             :class:`~pipelines.inference.predict.ClassificationPredictor`.
+        keep_study_names: keep file and folder names in the error stored in ``failed.json``; default False
+            replaces them by pseudonyms (outputs name studies ``study-<n>`` either way).
 
     Raises:
         ValueError: unknown aggregation/window preset/positive class, bad ``topk``, ``threshold`` or
@@ -137,6 +139,7 @@ class CTStudyPredictor(ClassificationPredictor):
         model_name: str = "ct_hemorrhage",
         model_version: str = "",
         progress: bool | None = None,
+        keep_study_names: bool = False,
     ) -> None:
         if aggregation not in STUDY_AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {STUDY_AGGREGATIONS}, got {aggregation!r}")
@@ -153,7 +156,8 @@ class CTStudyPredictor(ClassificationPredictor):
         window_channels(window_preset)
         super().__init__(network, class_names, image_transform, volume_transform=None, ckpt_path=ckpt_path,
                          device=device, batch_size=batch_size, aggregation=aggregation, topk=int(topk),
-                         model_name=model_name, model_version=model_version, progress=progress)
+                         model_name=model_name, model_version=model_version, progress=progress,
+                         keep_study_names=keep_study_names)
         self.slice_transform = slice_transform
         self.window_preset = window_preset
         self.prewindowed = window_preset == "prewindowed"
@@ -334,7 +338,7 @@ class CTStudyPredictor(ClassificationPredictor):
             InputError: the input cannot be used (the message names the file or folder and the problem).
         """
         out = Path(output_dir)
-        with no_stale_outputs(out):
+        with no_stale_outputs(out, input_path=input_path, keep_names=self.keep_study_names):
             return self._run_ct(Path(input_path), out)
 
     def _run_ct(self, input_path: Path, out: Path) -> dict:

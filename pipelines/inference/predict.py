@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 
 from pipelines.inference.aggregate import aggregate_probs
+from pipelines.io.pseudonym import public_name, redact_paths
 from pipelines.manifests.builders import IMAGE_EXTENSIONS, NIFTI_EXTENSIONS
 
 logger = logging.getLogger(__name__)
@@ -74,12 +75,16 @@ def _root_cause(err: BaseException) -> BaseException:
 
 
 @contextlib.contextmanager
-def no_stale_outputs(output_dir: str | os.PathLike, names: Sequence[str] = PREDICTION_FILES):
+def no_stale_outputs(output_dir: str | os.PathLike, names: Sequence[str] = PREDICTION_FILES,
+                     input_path: str | os.PathLike | None = None, keep_names: bool = False):
     """Run an inference so that a failure never leaves an earlier run's results looking current.
 
     On an exception the existing ``names`` in ``output_dir`` are renamed to ``<stem>.previous<suffix>`` and
     :data:`FAILED_JSON` (``{"status": "failed", "error", "error_type", "time"}``) is written; the exception is
     re-raised. On success an old :data:`FAILED_JSON` is removed.
+
+    The stored error has every path at or below ``input_path`` replaced by a pseudonym
+    (:func:`pipelines.io.pseudonym.redact_paths`) unless ``keep_names``; the raised exception keeps the paths.
     """
     out = Path(output_dir)
     try:
@@ -92,7 +97,8 @@ def no_stale_outputs(output_dir: str | os.PathLike, names: Sequence[str] = PREDI
                 if old.exists():
                     os.replace(old, old.with_name(f"{old.stem}.previous{old.suffix}"))
             root = _root_cause(err)
-            record = {"status": "failed", "error": str(root) or type(root).__name__,
+            message = redact_paths(str(root) or type(root).__name__, input_path, keep_names)
+            record = {"status": "failed", "error": message,
                       "error_type": type(root).__name__,
                       "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                       "moved_aside": [f"{Path(n).stem}.previous{Path(n).suffix}" for n in names]}
@@ -151,6 +157,9 @@ class ClassificationPredictor:
             :data:`pipelines.io.limits.DEFAULT_MAX_VOXELS`.
         progress: progress bars over studies and slices on stderr; None: the bundle's ``progress`` config id
             (default true); never when stderr is not a terminal (see :mod:`pipelines.tracking.progress`).
+        keep_study_names: write study, file and input names as they are; default False writes
+            ``study-<hash>`` / ``image-<hash>`` / ``input-<hash>`` pseudonyms (BIDS ``sub-XXX`` names stay), since
+            folder names are often patient ids (:mod:`pipelines.io.pseudonym`). ``failed.json`` follows it too.
     """
 
     def __init__(
@@ -173,6 +182,7 @@ class ClassificationPredictor:
         series_description: str | None = None,
         max_voxels: int | None = None,
         progress: bool | None = None,
+        keep_study_names: bool = False,
     ) -> None:
         if isinstance(min_slices, bool) or int(min_slices) != min_slices or min_slices < 1:
             raise ValueError(f"min_slices must be an integer >= 1, got {min_slices!r}")
@@ -198,6 +208,11 @@ class ClassificationPredictor:
         self.model_name = model_name
         self.model_version = model_version
         self.progress = progress
+        self.keep_study_names = bool(keep_study_names)
+
+    def _name(self, path: str | os.PathLike, kind: str = "study", name: str | None = None) -> str:
+        """``path``'s name as written to outputs (a pseudonym unless ``keep_study_names``)."""
+        return public_name(path, kind, self.keep_study_names, name)
 
     # -- forward -------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -298,14 +313,16 @@ class ClassificationPredictor:
         path = Path(path)
         images, idx = self._slices_from_volume(path)
         probs = self.predict_tensors(images)
-        rows = [{"source": path.name, "slice_index": i} for i in idx]
-        return self._result(path.name, rows, probs, kind="volume")
+        study = self._name(path)
+        rows = [{"source": study, "slice_index": i} for i in idx]
+        return self._result(study, rows, probs, kind="volume")
 
     def predict_images(self, paths: Sequence[str | os.PathLike], study_name: str) -> dict:
-        """Per-image probabilities and one aggregated result for a set of 2D images of one study."""
+        """Per-image probabilities and one aggregated result for a set of 2D images of one study (``study_name``
+        is written as given; image names follow ``keep_study_names``)."""
         images = [self.image_transform({"image": str(p)})["image"] for p in paths]
         probs = self.predict_tensors(images)
-        rows = [{"source": Path(p).name, "slice_index": -1} for p in paths]
+        rows = [{"source": self._name(p, "image"), "slice_index": -1} for p in paths]
         return self._result(study_name, rows, probs, kind="images")
 
     def _result(self, study: str, rows: list[dict], probs: np.ndarray, kind: str) -> dict:
@@ -339,7 +356,7 @@ class ClassificationPredictor:
             return [self.predict_volume(path)]
         if path.is_file():
             if is_image(path):
-                return [self.predict_images([path], path.stem)]
+                return [self.predict_images([path], self._name(path, name=path.stem))]
             if _looks_like_dicom(path):
                 return [self.predict_volume(path.parent)]
             raise InputError(f"{path}: unsupported file type (expected NIfTI, PNG/JPG/BMP/TIFF or DICOM)")
@@ -352,7 +369,7 @@ class ClassificationPredictor:
             groups: "OrderedDict[str, list[Path]]" = OrderedDict()
             for p in images:
                 m = _SUBJECT_RE.search(p.name)
-                groups.setdefault(m.group(1) if m else path.name, []).append(p)
+                groups.setdefault(m.group(1) if m else self._name(path), []).append(p)
             return [self.predict_images(g, name)
                     for name, g in self._bar(list(groups.items()), desc="studies", unit="study")]
         if any(_looks_like_dicom(p) for p in files[:50]):
@@ -367,7 +384,7 @@ class ClassificationPredictor:
         (:func:`no_stale_outputs`).
         """
         out = Path(output_dir)
-        with no_stale_outputs(out):
+        with no_stale_outputs(out, input_path=input_path, keep_names=self.keep_study_names):
             return self._run(input_path, out)
 
     def _run(self, input_path: str | os.PathLike, out: Path) -> dict:
@@ -379,7 +396,7 @@ class ClassificationPredictor:
         summary = {
             "model": {"name": self.model_name, "version": self.model_version},
             "class_names": self.class_names,
-            "input": Path(input_path).name,
+            "input": self._name(input_path, "input"),
             "studies": [{k: v for k, v in r.items()} for r in results],
         }
         _atomic_write(out / "predictions.csv", lambda p: pd.DataFrame(rows).to_csv(p, index=False))

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipelines.io.atomic import atomic_write
+
 from pipelines.manifests.schema import ManifestError, manifest_digest, write_manifest
 
 logger = logging.getLogger(__name__)
@@ -111,7 +113,5 @@ def write_split(df: pd.DataFrame, out_dir: str | os.PathLike, overwrite: bool = 
         "manifest_digest": manifest_digest(df),
         "n_subjects": int(df["subject_id"].nunique()),
     }
-    tmp = out_dir / f".split.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(info, indent=2))
-    os.replace(tmp, out_dir / "split.json")
+    atomic_write(out_dir / "split.json", lambda tmp: tmp.write_text(json.dumps(info, indent=2)))
     return out_dir

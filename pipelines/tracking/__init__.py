@@ -176,15 +176,16 @@ def save_executed_config(path: str | os.PathLike, argv: list[str] | None = None)
 
     It re-reads ``--config_file`` and the ``--id value`` overrides from the command line the way
     ``monai.bundle run`` does. Returns the path, or None when not started through ``monai.bundle``.
+    The file is written atomically (:func:`pipelines.io.atomic.atomic_write`): a crash leaves the old one or the
+    new one, never half a JSON file.
     """
-    from monai.bundle import ConfigParser
+    from pipelines.io.atomic import atomic_write
 
     parser = _executed_parser(argv)
     if parser is None:
         return None
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ConfigParser.export_config_file(parser.get(), str(path), indent=2)
+    config = parser.get()
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
     return str(path)
 
 

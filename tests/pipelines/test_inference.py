@@ -139,7 +139,8 @@ def test_failed_run_moves_earlier_outputs_aside_and_records_the_error(predictor,
     assert not (out / "predictions.json").exists() and not (out / "predictions.csv").exists()
     assert (out / "predictions.previous.json").read_text() == before
     failed = json.loads((out / "failed.json").read_text())
-    assert failed["status"] == "failed" and "bad.nii.gz" in failed["error"] and "NaN" in failed["error"]
+    assert failed["status"] == "failed" and "<input>" in failed["error"] and "NaN" in failed["error"]
+    assert "bad.nii.gz" not in failed["error"]  # file names are pseudonymised (pipelines.io.pseudonym)
     predictor.run(good, out)
     assert (out / "predictions.json").exists() and not (out / "failed.json").exists()
 
