@@ -33,8 +33,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -232,28 +231,6 @@ def _config_files(bundle_root: Path, evaluate: bool) -> list[str]:
     return [str(f) for f in files]
 
 
-@contextmanager
-def _tracking_store(uri: str) -> Iterator[None]:
-    """Point MLflow (the fluent API and ``$MLFLOW_TRACKING_URI`` read by the bundles) at ``uri``, then restore
-    both, so an in-process sweep leaves no global state behind."""
-    import mlflow
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    old_env = os.environ.get("MLFLOW_TRACKING_URI")
-    old_global = getattr(tracking_utils, "_tracking_uri", None)
-    mlflow.set_tracking_uri(uri)
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    try:
-        yield
-    finally:
-        if hasattr(tracking_utils, "_tracking_uri"):
-            tracking_utils._tracking_uri = old_global
-        if old_env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = old_env
-
-
 def _run_workflow(files: list[str], meta_file: str, overrides: Mapping[str, Any]) -> None:
     from monai.bundle import ConfigWorkflow
 
@@ -347,7 +324,9 @@ def run_sweep(
     if not tags:
         raise ValueError("no combinations to run")
     uri = tracking_uri or default_tracking_uri()
-    with _tracking_store(uri):
+    from pipelines.tracking import tracking_store
+
+    with tracking_store(uri):
         return _sweep(root, tags, Path(out_dir), uri, experiment or root.name, parent_run_name, dict(overrides or {}),
                       grid_name, train_files, eval_files, meta_file)
 

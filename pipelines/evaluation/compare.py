@@ -41,6 +41,7 @@ import pandas as pd
 
 from pipelines.evaluation.metrics import SUMMARY_METRICS
 from pipelines.evaluation.report import atomic_write_csv, atomic_write_text
+from pipelines.tracking import keeps_tracking_store
 from pipelines.tracking.progress import add_quiet_argument, progress_bar
 
 __all__ = [
@@ -577,6 +578,7 @@ def _run_by_name(client: Any, experiment: str, run_name: str) -> Any | None:
     return runs[-1] if runs else None
 
 
+@keeps_tracking_store
 def train_and_compare(
     bundle: str,
     networks: Sequence[str] | None = None,

@@ -44,6 +44,7 @@ import numpy as np
 import pandas as pd
 
 from pipelines.manifests.schema import ManifestError
+from pipelines.tracking import keeps_tracking_store
 from pipelines.tracking.progress import add_quiet_argument, progress_bar
 
 __all__ = [
@@ -510,6 +511,7 @@ def score_augmented(
 # ------------------------------------------------------------------------------------------------ comparison
 
 
+@keeps_tracking_store
 def compare_augmentation(
     bundle: str,
     original_manifest: str | os.PathLike,

@@ -13,13 +13,15 @@ training view, not the GenAI view.
 from __future__ import annotations
 
 import ast
+import contextlib
+import functools
 import json
 import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +45,44 @@ def default_tracking_uri() -> str:
         return env
     (REPO_ROOT / "mlruns").mkdir(exist_ok=True)
     return f"sqlite:///{REPO_ROOT / 'mlruns' / 'mlflow.db'}"
+
+
+@contextlib.contextmanager
+def tracking_store(uri: str | None) -> Iterator[None]:
+    """Point MLflow's global tracking URI and ``$MLFLOW_TRACKING_URI`` (which the bundles' handlers read, and
+    which MONAI's ``MLFlowHandler`` puts above an explicit ``tracking_uri``) at ``uri``, then restore both.
+    ``uri=None`` changes nothing but still restores, so code inside may set either freely."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    old_global, old_env = getattr(utils, "_tracking_uri", None), os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        mlflow.set_tracking_uri(uri)
+        os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        yield
+    finally:
+        if hasattr(utils, "_tracking_uri"):
+            utils._tracking_uri = old_global
+        if old_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old_env
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def keeps_tracking_store(fn: _F) -> _F:
+    """Decorate an in-process entry point that exports a store to its subprocesses, so that it leaves the
+    caller's ``$MLFLOW_TRACKING_URI`` and global tracking URI as they were."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with tracking_store(None):
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def artifact_location(tracking_uri: str) -> str | None:

@@ -230,7 +230,14 @@ class BundleMLFlowHandler(MLFlowHandler):
     def _stop_system_metrics(self) -> None:
         if self._sysmon is not None:
             try:
-                self._sysmon.finish()
+                mon = self._sysmon
+                mon._shutdown_event.set()
+                if mon._process is not None:
+                    mon._process.join()
+                if mon._logging_step == 0:  # a run shorter than one logging period still gets one sample
+                    mon.collect_metrics()
+                    mon.publish_metrics(mon.aggregate_metrics())
+                mon.finish()
             except Exception as e:
                 logger.warning("could not stop the system metrics monitor: %s", e)
             self._sysmon = None

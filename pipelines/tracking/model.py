@@ -11,7 +11,6 @@ spatial size of the run when it was changed; the bundle's configs, metadata.json
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
@@ -79,23 +78,12 @@ def outputs_logits(metadata: Mapping[str, Any]) -> bool:
     return bool(outputs) and next(iter(outputs.values())).get("type") == "logits"
 
 
-@contextlib.contextmanager
 def _global_tracking_uri(uri: str):
     """Point MLflow's global tracking URI at ``uri`` (``Model.log`` and ``models:/`` URIs resolve through it),
-    then restore both the global and ``MLFLOW_TRACKING_URI`` (``set_tracking_uri`` writes the variable)."""
-    import mlflow
-    from mlflow.tracking._tracking_service import utils
+    then restore it and ``MLFLOW_TRACKING_URI``."""
+    from pipelines.tracking import tracking_store
 
-    old_global, old_env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(old_global)
-        if old_env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = old_env
+    return tracking_store(uri)
 
 
 def _torchscript(model: torch.nn.Module, example: torch.Tensor, path: Path) -> Path | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 
 import numpy as np
@@ -235,8 +237,18 @@ def test_comparison_trains_both_variants_on_the_same_test_set_with_equal_steps(d
         client.set_terminated(run.info.run_id, "FINISHED")
         return 0
 
+    env_before = os.environ.get("MLFLOW_TRACKING_URI")
+    seen: list[str | None] = []
+    inner = runner
+
+    def runner(cmd: list[str]) -> int:  # noqa: F811 -- records the store the subprocess would inherit
+        seen.append(os.environ.get("MLFLOW_TRACKING_URI"))
+        return inner(cmd)
+
     result = compare_augmentation(str(bundle), dataset, res.paths["manifest"], overrides={"epochs": "16"},
                                   tracking_uri=uri, out_dir=tmp_path / "cmp", runner=runner, equal_steps=True)
+    # the subprocesses get the store; the caller's environment is left as it was
+    assert set(seen) == {uri} and os.environ.get("MLFLOW_TRACKING_URI") == env_before
     trains = [c for c in commands if "--eval_run_name" not in c]
     epochs = [c[c.index("--epochs") + 1] for c in trains]
     manifests = [Path(c[c.index("--manifest") + 1]).resolve() for c in trains]

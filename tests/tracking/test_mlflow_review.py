@@ -78,6 +78,7 @@ def train_and_evaluate(tmp, uri):
     """Train 2 epochs with the bundles' handlers, then evaluate the best checkpoint, both tracked at ``uri``."""
     mp = pytest.MonkeyPatch()
     mp.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
+    mp.delenv("MLFLOW_TRACKING_URI", raising=False)  # MONAI's MLFlowHandler puts it above tracking_uri
     data, images = _data(tmp / "data")
     net = _net()
     metric = {"val_accuracy": EpochClassificationMetric("accuracy", 2)}
