@@ -16,7 +16,10 @@ with 95 % stratified bootstrap CIs; ``--out`` also writes them as JSON.
 
 The train/test folders are the data set's own (``train``/``test`` or ``Training``/``Testing``, one sub-folder
 per class). Neither Kaggle set has subject ids, so slices of one patient can fall on both sides: figures are
-optimistic for every model alike.
+optimistic for every model alike. A data set without a test folder (the head-CT set) is split outside: with
+``--split-csv`` (columns ``image``, ``label``, ``split``; ``split`` is ``test`` or anything else for training) and
+``--class-names`` (label order), the loop trains on every non-test row and scores the test rows; the quality
+harness writes that file from a bundle's own k-fold split, so both score the same held-out subjects.
 """
 
 from __future__ import annotations
@@ -55,19 +58,46 @@ def load_folder(root: Path, classes: list[str], size: int) -> tuple[torch.Tensor
         if not files:
             raise SystemExit(f"{root / name}: no images")
         for path in files:
-            img = load_grey_2d(path)
-            lo, hi = float(img.min()), float(img.max())
-            img = (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
-            t = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None, None]
-            images.append(F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)[0])
+            images.append(_to_tensor(load_grey_2d(path), size))
             labels.append(k)
             paths.append(str(path.resolve()))
     return torch.stack(images), torch.tensor(labels), paths
 
 
+def load_split(csv_path: Path, classes: list[str], size: int) -> tuple[tuple, tuple]:
+    """(train, test) as ``load_folder`` returns them, from a split CSV (image, label, split)."""
+    import pandas as pd
+
+    df = pd.read_csv(csv_path)
+    missing = {"image", "label", "split"} - set(df.columns)
+    if missing:
+        raise SystemExit(f"{csv_path}: missing columns {sorted(missing)}")
+    if not df["label"].between(0, len(classes) - 1).all():
+        raise SystemExit(f"{csv_path}: labels outside 0..{len(classes) - 1} for classes {classes}")
+
+    def load(rows: pd.DataFrame) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        if rows.empty:
+            raise SystemExit(f"{csv_path}: no rows for one side of the split")
+        images = [_to_tensor(load_grey_2d(p), size) for p in rows["image"]]
+        return torch.stack(images), torch.tensor(rows["label"].astype(int).tolist()), \
+            [str(Path(p).resolve()) for p in rows["image"]]
+
+    test = df["split"] == "test"
+    return load(df[~test]), load(df[test])
+
+
+def _to_tensor(img: np.ndarray, size: int) -> torch.Tensor:
+    lo, hi = float(img.min()), float(img.max())
+    img = (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
+    t = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None, None]
+    return F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)[0]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", required=True, type=Path)
+    parser.add_argument("--data-dir", type=Path, help="train/ and test/ class folders")
+    parser.add_argument("--split-csv", type=Path, help="instead of --data-dir: image, label, split (test or train)")
+    parser.add_argument("--class-names", nargs="+", help="with --split-csv: class names in label order")
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--budget-min", type=float, default=8.0, help="CPU minutes of training (process time)")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -85,10 +115,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    train_dir, test_dir = find_splits(args.data_dir)
-    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
-    x_train, y_train, _ = load_folder(train_dir, classes, args.image_size)
-    x_test, y_test, test_paths = load_folder(test_dir, classes, args.image_size)
+    if args.split_csv:
+        if not args.class_names:
+            parser.error("--split-csv needs --class-names")
+        classes = list(args.class_names)
+        (x_train, y_train, _), (x_test, y_test, test_paths) = load_split(args.split_csv, classes, args.image_size)
+    elif args.data_dir:
+        train_dir, test_dir = find_splits(args.data_dir)
+        classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+        x_train, y_train, _ = load_folder(train_dir, classes, args.image_size)
+        x_test, y_test, test_paths = load_folder(test_dir, classes, args.image_size)
+    else:
+        parser.error("give --data-dir or --split-csv")
     print(f"classes {classes}; train {len(y_train)}, test {len(y_test)} images at {args.image_size} px")
 
     net = resnet18(spatial_dims=2, n_input_channels=1, num_classes=len(classes), conv1_t_stride=2)
@@ -129,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         summary = {"recipe": "plain loop: MONAI ResNet-18, Adam, CE, hflip", "image_size": args.image_size,
                    "epochs": epochs, "cpu_s": cpu_s, "train_images": epochs * len(y_train), "wall_s": wall_s, "threads": torch.get_num_threads(),
-                   "data_dir": str(args.data_dir), **result}
+                   "data_dir": str(args.data_dir or args.split_csv), **result}
         tmp = args.out.with_suffix(args.out.suffix + ".tmp")
         tmp.write_text(json.dumps(summary, indent=2))
         tmp.replace(args.out)

@@ -22,6 +22,12 @@ loop scores, checked by path), and the harness writes
 CPU time is the honest budget on a shared CPU: wall time depends on what else runs. The bundle's CPU time covers
 its whole training process (data loading and checks, per-epoch validation, checkpointing), the plain loop's only
 its training loop, so the comparison favours the plain loop. Test scoring is not counted for either.
+A data set without its own test folder (the head-CT PNG set) is cross-validated with ``--folds K``: every
+(recipe, seed) trains K times with the bundle's ``num_folds``/``fold`` config ids, the plain loop trains on the
+same folds (a ``split.csv`` written from the bundle's own subject-grouped split: it trains on the bundle's train
+and validation rows, scores its test rows), and the out-of-fold probabilities of the K folds are pooled, so every
+image is scored once per seed; CIs and paired differences then resample subjects (the split's ``subject_id``).
+
 Runs already complete in ``--out-dir`` (``run.json`` present, made by the same command) are reused, so seeds and
 recipes can be added later; a recipe folder that is a symlink (e.g. ``plain_loop`` -> another study's) shares
 that folder's runs, so a budget curve does not retrain the plain loop.
@@ -65,6 +71,7 @@ class Job:
     cmd: list[str] = field(default_factory=list)
     config_files: list[str] = field(default_factory=list)
     overrides: dict[str, Any] = field(default_factory=dict)
+    fold: int | None = None
 
     @property
     def probs_csv(self) -> Path:
@@ -87,8 +94,10 @@ def _child_env(threads: int) -> dict[str, str]:
 def plan_jobs(bundle: str, dataset_dir: str | os.PathLike, recipes: Sequence[str], seeds: Sequence[int],
               budget_min: float, out_dir: str | os.PathLike, overrides: Mapping[str, Any] | None = None,
               plain_image_size: int = 128, threads: int = 1, experiment: str | None = None,
-              python: str = sys.executable) -> list[Job]:
-    """The commands of every (recipe, seed) run; ``recipes`` may include :data:`PLAIN`."""
+              python: str = sys.executable, folds: int = 0,
+              class_names: Sequence[str] | None = None) -> list[Job]:
+    """The commands of every (recipe, seed[, fold]) run; ``recipes`` may include :data:`PLAIN`. With ``folds``
+    the plain loop reads ``<job>/split.csv`` (written by :func:`run_job` from the bundle's split of that fold)."""
     from pipelines.evaluation.compare import bundle_commands
     from pipelines.tracking import bundle_dir
 
@@ -97,21 +106,27 @@ def plan_jobs(bundle: str, dataset_dir: str | os.PathLike, recipes: Sequence[str
     jobs: list[Job] = []
     for recipe in recipes:
         for seed in seeds:
-            job_dir = (out / recipe).resolve() / f"seed{seed}"  # a symlinked recipe folder shares its runs
-            if recipe == PLAIN:
-                cmd = [python, str(REPO_ROOT / "benchmarks" / "bench_plain_loop.py"), "--data-dir", data,
-                       "--budget-min", str(budget_min), "--seed", str(seed), "--threads", str(threads),
-                       "--image-size", str(plain_image_size), "--n-bootstrap", "0",
-                       "--out", str(job_dir / "plain.json"), "--probs-out", str(job_dir / "test_probabilities.csv")]
-                jobs.append(Job(recipe, seed, job_dir, cmd))
-                continue
-            ids = {"dataset_dir": data, "seed": seed, "output_dir": str(job_dir / "train"),
-                   "ckpt_dir": str(job_dir / "models"), **dict(overrides or {})}
-            cmds = bundle_commands(bundle_dir(bundle), recipe, f"quality-seed{seed}", experiment or bundle,
-                                   {k: v if isinstance(v, str) else json.dumps(v) for k, v in ids.items()},
-                                   python=python)
-            files = json.loads(cmds["train"][cmds["train"].index("--config_file") + 1].replace("'", '"'))
-            jobs.append(Job(recipe, seed, job_dir, cmds["train"], files, ids))
+            for fold in (range(folds) if folds else [None]):
+                job_dir = (out / recipe).resolve() / f"seed{seed}"  # a symlinked recipe folder shares its runs
+                ids = {"dataset_dir": data, "seed": seed, **dict(overrides or {})}
+                if fold is not None:
+                    job_dir, ids = job_dir / f"fold{fold}", {**ids, "num_folds": folds, "fold": fold}
+                ids.update(output_dir=str(job_dir / "train"), ckpt_dir=str(job_dir / "models"))
+                if recipe == PLAIN:
+                    source = ["--data-dir", data] if fold is None else \
+                        ["--split-csv", str(job_dir / "split.csv"), "--class-names", *map(str, class_names or [])]
+                    cmd = [python, str(REPO_ROOT / "benchmarks" / "bench_plain_loop.py"), *source,
+                           "--budget-min", str(budget_min), "--seed", str(seed), "--threads", str(threads),
+                           "--image-size", str(plain_image_size), "--n-bootstrap", "0",
+                           "--out", str(job_dir / "plain.json"), "--probs-out", str(job_dir / "test_probabilities.csv")]
+                    files = [str(Path(bundle_dir(bundle)) / "configs" / "train.json")] if fold is not None else []
+                    jobs.append(Job(recipe, seed, job_dir, cmd, files, ids if fold is not None else {}, fold))
+                    continue
+                cmds = bundle_commands(bundle_dir(bundle), recipe, f"quality-seed{seed}", experiment or bundle,
+                                       {k: v if isinstance(v, str) else json.dumps(v) for k, v in ids.items()},
+                                       python=python)
+                files = json.loads(cmds["train"][cmds["train"].index("--config_file") + 1].replace("'", '"'))
+                jobs.append(Job(recipe, seed, job_dir, cmds["train"], files, ids, fold))
     return jobs
 
 
@@ -122,6 +137,32 @@ def _wait_cpu_s(proc: subprocess.Popen) -> tuple[int, float]:
     return proc.returncode, usage.ru_utime + usage.ru_stime
 
 
+def _bundle_parser(config_files: Sequence[str], overrides: Mapping[str, Any], scratch: str) -> Any:
+    """The bundle's config with ``overrides``, on the CPU, writing its data records under ``<output_dir>/../scratch``."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(list(config_files))
+    parser.update({k: v for k, v in overrides.items() if k != "output_dir"})
+    parser["output_dir"] = str(Path(str(overrides.get("output_dir", "."))).parent / scratch)
+    parser["device"] = "$torch.device('cpu')"
+    return parser
+
+
+def write_fold_split(job: Job) -> Path:
+    """``<job>/split.csv`` for the plain loop: the bundle's own split of ``job.fold`` (image, label, split, subject_id);
+    the bundle's train and validation rows are the plain loop's training rows."""
+    from pipelines.evaluation.report import atomic_write_csv
+
+    data = _bundle_parser(job.config_files, job.overrides, "split").get_parsed_content("data")
+    rows = [{"image": str(Path(r["image"]).resolve()), "label": int(r["label"]),
+             "split": "test" if part == "test" else "train", "subject_id": str(r.get("subject_id", ""))}
+            for part in ("train", "val", "test") for r in data[part]]
+    path = job.out_dir / "split.csv"
+    job.out_dir.mkdir(parents=True, exist_ok=True)
+    return atomic_write_csv(path, pd.DataFrame(rows))
+
+
 def bundle_test_probabilities(config_files: Sequence[str], overrides: Mapping[str, Any],
                               ckpt: str | os.PathLike) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
     """Score the bundle's ``test`` split with a checkpoint: (image paths, labels, probabilities, class names).
@@ -130,13 +171,8 @@ def bundle_test_probabilities(config_files: Sequence[str], overrides: Mapping[st
     one the recipe validated with), on the CPU, one image batch at a time; weights load with ``weights_only``.
     """
     import torch
-    from monai.bundle import ConfigParser
 
-    parser = ConfigParser()
-    parser.read_config(list(config_files))
-    parser.update({k: v for k, v in overrides.items() if k != "output_dir"})
-    parser["output_dir"] = str(Path(str(overrides.get("output_dir", "."))).parent / "score")
-    parser["device"] = "$torch.device('cpu')"
+    parser = _bundle_parser(config_files, overrides, "score")
     data = parser.get_parsed_content("data")
     records = data["test"]
     if not records:
@@ -184,6 +220,8 @@ def run_job(job: Job, threads: int = 1, reuse: bool = True) -> dict[str, Any]:
         logger.warning("%s seed %d: %s was made by another command (other overrides or budget); training again",
                        job.recipe, job.seed, job.record)
     job.out_dir.mkdir(parents=True, exist_ok=True)
+    if job.recipe == PLAIN and job.fold is not None:
+        write_fold_split(job)
     log_path = job.out_dir / "train.log"
     logger.info("%s seed %d: %s (log %s)", job.recipe, job.seed, " ".join(shlex.quote(c) for c in job.cmd), log_path)
     wall0 = time.time()
@@ -217,6 +255,40 @@ def run_job(job: Job, threads: int = 1, reuse: bool = True) -> dict[str, Any]:
     return record
 
 
+def pool_folds(jobs: Sequence[Job], records: Sequence[Mapping[str, Any]], class_names: Sequence[str]
+               ) -> tuple[list[Job], list[dict[str, Any]], dict[str, str]]:
+    """Pool the folds of each (recipe, seed): its out-of-fold probabilities (``<seed dir>/test_probabilities.csv``,
+    each image once), summed CPU/wall time and images, mean epochs; and image -> subject from the folds' splits.
+
+    Raises ValueError when a (recipe, seed) scored an image twice (folds that overlap)."""
+    from pipelines.evaluation.report import read_probabilities, write_probabilities
+
+    pooled_jobs, pooled_records, groups = [], [], {}
+    keys = list(dict.fromkeys((j.recipe, j.seed) for j in jobs))
+    for recipe, seed in keys:
+        parts = [(j, r) for j, r in zip(jobs, records) if (j.recipe, j.seed) == (recipe, seed)]
+        frames = [read_probabilities(j.probs_csv, class_names) for j, _ in parts]
+        df = pd.concat(frames, ignore_index=True).sort_values("image", kind="stable")
+        if df["image"].duplicated().any():
+            raise ValueError(f"{recipe} seed {seed}: folds score the same image twice, e.g. "
+                             f"{df.loc[df['image'].duplicated(), 'image'].iloc[0]}")
+        seed_dir = parts[0][0].out_dir.parent
+        write_probabilities(seed_dir / "test_probabilities.csv", df["image"].tolist(), df["label"].to_numpy(),
+                            df[[f"prob_{c}" for c in class_names]].to_numpy(), class_names)
+        pooled_jobs.append(Job(recipe, seed, seed_dir))
+        rec = {k: sum(float(r[k]) for _, r in parts) for k in ("cpu_s", "wall_s", "train_images", "train_cpu_s")}
+        rec.update(recipe=recipe, seed=seed, threads=parts[0][1]["threads"], folds=len(parts),
+                   epochs=float(np.mean([r["epochs"] for _, r in parts])))
+        rec["images_per_s"] = rec["train_images"] / rec["train_cpu_s"] if rec["train_cpu_s"] else float("nan")
+        pooled_records.append(rec)
+        for j, _ in parts:
+            split = j.out_dir / "split.csv"
+            if split.is_file():
+                s = pd.read_csv(split, dtype={"image": str, "subject_id": str})
+                groups.update(zip(s["image"], s["subject_id"].fillna("")))
+    return pooled_jobs, pooled_records, groups
+
+
 def _aligned(jobs: Sequence[Job], class_names: Sequence[str]) -> tuple[list[str], np.ndarray, dict[str, list[np.ndarray]]]:
     """Probabilities of every job on the same images in the same order; refuses mismatched test sets."""
     from pipelines.evaluation.report import read_probabilities
@@ -241,15 +313,24 @@ def _aligned(jobs: Sequence[Job], class_names: Sequence[str]) -> tuple[list[str]
 
 
 def summarise(jobs: Sequence[Job], records: Sequence[Mapping[str, Any]], class_names: Sequence[str],
-              n_bootstrap: int = 2000, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Per-run table (metrics with 95 % CIs) and per-recipe summary with paired differences to the plain loop."""
+              n_bootstrap: int = 2000, seed: int = 0,
+              groups: Mapping[str, str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per-run table (metrics with 95 % CIs) and per-recipe summary with paired differences to the plain loop.
+    With ``groups`` (image -> subject id) the bootstraps resample subjects, not images."""
     from pipelines.evaluation.metrics import evaluate_predictions, paired_difference_ci
 
     images, labels, probs = _aligned(jobs, class_names)
+    by = None
+    if groups:
+        missing = [i for i in images if not groups.get(i)]
+        if missing:
+            raise ValueError(f"no subject id for {len(missing)} test images, e.g. {missing[0]}")
+        by = [groups[i] for i in images]
     rows = []
     for job, rec in zip(jobs, records):
         k = [j for j in jobs if j.recipe == job.recipe].index(job)
-        res = evaluate_predictions(labels, probs[job.recipe][k], class_names, n_resamples=n_bootstrap, seed=seed)
+        res = evaluate_predictions(labels, probs[job.recipe][k], class_names, n_resamples=n_bootstrap, seed=seed,
+                                   groups=by)
         row = {"recipe": job.recipe, "seed": job.seed, "cpu_min": rec["cpu_s"] / 60.0,
                "train_cpu_min": rec["train_cpu_s"] / 60.0, "wall_min": rec["wall_s"] / 60.0,
                "epochs": rec["epochs"], "images_per_s": rec["images_per_s"], "n_test": len(images)}
@@ -268,7 +349,7 @@ def summarise(jobs: Sequence[Job], records: Sequence[Mapping[str, Any]], class_n
             row[f"{m}_mean"], row[f"{m}_sd"] = group[m].mean(), group[m].std(ddof=1) if len(group) > 1 else 0.0
         if recipe != PLAIN and PLAIN in probs:
             diff = paired_difference_ci(labels, probs[recipe], probs[PLAIN], class_names, metrics=METRICS,
-                                        n_resamples=n_bootstrap, seed=seed)
+                                        n_resamples=n_bootstrap, seed=seed, groups=by)
             for m in METRICS:
                 row[f"{m}_diff"] = diff[m]["diff"]
                 row[f"{m}_diff_ci_low"], row[f"{m}_diff_ci_high"] = diff[m]["ci"]
@@ -299,7 +380,7 @@ def summary_markdown(runs: pd.DataFrame, summary: pd.DataFrame, title: str) -> s
                 diffs.append("–")
         lines.append(f"| {r['recipe']} | {int(r['seeds'])} | {_f(r['cpu_min'], 1)} | {_f(r['cpu_ratio_to_plain'], 2)} | "
                      f"{_f(r['images_per_s'], 1)} | " + " | ".join(cells) + " | " + " | ".join(diffs) + " |")
-    lines += ["", "Per run (95 % stratified bootstrap CIs over test images):", "",
+    lines += ["", "Per run (95 % stratified bootstrap CIs over test images; over subjects when the split has subject ids):", "",
               "| recipe | seed | CPU min | epochs | accuracy | macro-F1 | macro AUC |", "|---|---|---|---|---|---|---|"]
     for _, r in runs.iterrows():
         cells = [f"{r[m]:.3f} [{r[f'{m}_ci_low']:.3f}, {r[f'{m}_ci_high']:.3f}]" for m in ("accuracy", "macro_f1", "macro_auc")]
@@ -347,7 +428,7 @@ def benchmark_quality(bundle: str, dataset_dir: str, recipes: Sequence[str] = ("
                       overrides: Mapping[str, Any] | None = None, threads: int = 1, jobs: int = 1,
                       plain_image_size: int = 128, n_bootstrap: int = 2000, reuse: bool = True,
                       tracking_uri: str | None = None, title: str | None = None,
-                      report_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+                      report_dir: str | os.PathLike | None = None, folds: int = 0) -> dict[str, Any]:
     """Run (or reuse) every (recipe, seed) and the plain loop, then write and log the tables; see the module doc."""
     from monai.bundle import ConfigParser
 
@@ -356,15 +437,19 @@ def benchmark_quality(bundle: str, dataset_dir: str, recipes: Sequence[str] = ("
     out = Path(out_dir or Path("runs") / "quality" / bundle).resolve()
     out.mkdir(parents=True, exist_ok=True)
     all_recipes = [PLAIN] + [r for r in recipes if r != PLAIN]
-    plan = plan_jobs(bundle, dataset_dir, all_recipes, seeds, budget_min, out, overrides, plain_image_size, threads)
     parser = ConfigParser()
     parser.read_config(str(Path(bundle_dir(bundle)) / "configs" / "train.json"))
     class_names = [str(c) for c in parser.get_parsed_content("class_names")]
+    plan = plan_jobs(bundle, dataset_dir, all_recipes, seeds, budget_min, out, overrides, plain_image_size, threads,
+                     folds=folds, class_names=class_names)
     with ThreadPoolExecutor(max_workers=max(1, int(jobs))) as pool:
         records = list(progress_bar(pool.map(lambda j: run_job(j, threads, reuse), plan), desc=f"benchmark {bundle}",
                                     total=len(plan), unit="run"))
     # the plain loop orders classes by folder name: re-read its CSV columns in the bundle's class order
-    runs, summary = summarise(plan, records, class_names, n_bootstrap=n_bootstrap)
+    groups = None
+    if folds:
+        plan, records, groups = pool_folds(plan, records, class_names)
+    runs, summary = summarise(plan, records, class_names, n_bootstrap=n_bootstrap, groups=groups)
     report = Path(report_dir).resolve() if report_dir else out
     report.mkdir(parents=True, exist_ok=True)
     runs_csv, summary_csv, md = report / "runs.csv", report / "summary.csv", report / "summary.md"
@@ -373,7 +458,7 @@ def benchmark_quality(bundle: str, dataset_dir: str, recipes: Sequence[str] = ("
     text = summary_markdown(runs, summary, title or f"{bundle} vs the plain loop on {Path(dataset_dir).name}")
     md.write_text(text)
     params = {"bundle": bundle, "dataset": Path(dataset_dir).name, "recipes": list(recipes), "seeds": list(seeds),
-              "budget_min": budget_min, "threads": threads, "overrides": dict(overrides or {}),
+              "budget_min": budget_min, "folds": folds, "threads": threads, "overrides": dict(overrides or {}),
               "n_bootstrap": n_bootstrap}
     run_id = _log_mlflow(tracking_uri, f"{bundle}-quality", params, runs, summary, [runs_csv, summary_csv, md])
     return {"runs": runs, "summary": summary, "markdown": text, "paths": [runs_csv, summary_csv, md],
@@ -385,7 +470,8 @@ def _main(args: argparse.Namespace) -> int:
 
     result = benchmark_quality(args.bundle, args.dataset_dir, args.recipes, args.seeds, args.budget_min, args.out_dir,
                                parse_overrides(args.override), args.threads, args.jobs, args.plain_image_size,
-                               args.n_bootstrap, not args.no_reuse, args.tracking_uri, args.title, args.report_dir)
+                               args.n_bootstrap, not args.no_reuse, args.tracking_uri, args.title, args.report_dir,
+                               args.folds)
     print(result["markdown"])
     print("written: " + ", ".join(str(p) for p in result["paths"]) + f"; MLflow run {result['mlflow_run_id']}")
     return 0
@@ -395,11 +481,17 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("benchmark-quality", help="a bundle's recipes vs the plain loop: same test images, "
                               "CPU budget, seeds; paired CIs", description=__doc__.split("\n\n")[0])
     p.add_argument("--bundle", required=True, help="bundle name under bundles/ (e.g. alz_hybrid, tumor_mri)")
-    p.add_argument("--dataset-dir", required=True, help="class-folder tree with train/test (Training/Testing) folders")
+    p.add_argument("--dataset-dir", required=True,
+                   help="class-folder tree with train/test (Training/Testing) folders, or (with --folds) any data "
+                        "set the bundle reads")
     p.add_argument("--recipes", "--networks", nargs="+", default=["base"],
                    help="'base' (train.json as shipped) and/or network overlays configs/<name>.json")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--budget-min", type=float, default=8.0, help="CPU minutes of the plain loop's training")
+    p.add_argument("--budget-min", type=float, default=8.0,
+                   help="CPU minutes of the plain loop's training (per fold with --folds)")
+    p.add_argument("--folds", type=int, default=0,
+                   help="K-fold cross-validation through the bundle's num_folds/fold ids, for a data set without a "
+                        "test folder; out-of-fold predictions pooled (e.g. 5 for the head-CT set)")
     p.add_argument("--override", action="append", default=[], metavar="ID=VALUE",
                    help="config-id override for every bundle run (repeatable), e.g. epochs=20")
     p.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads per run (default 1)")

@@ -26,8 +26,9 @@ from tests.conftest import SHARED_SCHEMA, shared_dataset
 
 CFG = "bundles/ct_hemorrhage/configs"
 CLASSES = ["normal", "hemorrhage"]
-TINY_NET = {"init_features": 8, "growth_rate": 8, "block_config": [2, 2]}
-TINY = overrides(image_size=64, num_workers=0, batch_size=16) + ["--network_kwargs", repr(TINY_NET)]
+TINY_NET = {"init_features": 8, "growth_rate": 8, "block_config": [2, 2]}  # a tiny DenseNet-121
+TINY_R18 = {"width": 0.25}  # the default network (ResNet-18), at quarter width
+TINY = overrides(image_size=64, num_workers=0, batch_size=16) + ["--network_kwargs", repr(TINY_R18)]
 TINY_DATA = ["--dataset_dir", "$pipelines.training.ct_data.default_dataset('head_ct-tiny')"]
 
 
@@ -194,7 +195,7 @@ def test_training_logs_a_finished_mlflow_run_and_splits_by_subject(trained):
     for key in ("train_loss", "val_accuracy", "val_macro_f1", "val_macro_auc", "val_recall_hemorrhage"):
         assert key in run.data.metrics
     params = run.data.params
-    assert params["network"] == "densenet121" and params["window_preset"] == "multi"
+    assert params["network"] == "resnet18" and params["window_preset"] == "multi"
     assert params["data_format"] == "phantom_dicom" and params["class_weights"] == "inverse"
     assert not any("/" in v for v in params.values() if not v.startswith(("[", "{")))
     assert trained["ckpt"].is_file()
@@ -233,7 +234,7 @@ def test_inference_on_a_dicom_series_writes_study_json_and_csv(trained):
         "--input_path", str(phantom / study), "--output_dir", str(out), "--threshold", "0.01", env=trained["env"],
     )
     pred = json.loads((out / "predictions.json").read_text())
-    assert pred["model"] == {"name": "ct_hemorrhage", "version": "0.1.1"} and pred["aggregation"] == "max"
+    assert pred["model"] == {"name": "ct_hemorrhage", "version": "0.2.0"} and pred["aggregation"] == "max"
     (result,) = pred["studies"]
     assert result["input_kind"] == "dicom_series" and result["n_slices"] == 8
     p = [s["prob_hemorrhage"] for s in result["slices"]]
@@ -252,7 +253,7 @@ def test_torchscript_export_equals_eager(trained):
         "--meta_file", f"{CFG}/metadata.json", "--config_file", f"{CFG}/inference.json", *TINY, env=trained["env"],
     )
     scripted = torch.jit.load(str(ts))
-    net = _parse("inference.json", network_kwargs=TINY_NET).get_parsed_content("network_def")
+    net = _parse("inference.json", network_kwargs=TINY_R18).get_parsed_content("network_def")
     net.load_state_dict(torch.load(trained["ckpt"], weights_only=True))
     net.eval()
     x = torch.rand(3, 3, 64, 64)

@@ -30,9 +30,10 @@ ALZ_TINY = {
     "dropout": 0.0,
     "batch_size": 8,
 }
-#: Tiny DenseNet for the ct_hemorrhage and amyloid_pet bundles (pipelines.networks.cnn.build_classifier kwargs).
+#: Tiny DenseNet for the amyloid_pet bundle, quarter-width ResNet-18 (its default network) for ct_hemorrhage
+#: (pipelines.networks.cnn.build_classifier kwargs).
 TINY_DENSENET = {"init_features": 8, "growth_rate": 8, "block_config": [2, 2]}
-CT_TINY = {"image_size": 32, "batch_size": 8, "network_kwargs": TINY_DENSENET}
+CT_TINY = {"image_size": 32, "batch_size": 8, "network_kwargs": {"width": 0.25}}
 PET_TINY = {"image_size": 32, "num_slices": 4, "batch_size": 8, "network_kwargs": TINY_DENSENET}
 PATIENT_NAME = "PHANTOM^ALZ"
 PATIENT_ID = "PHANTOM-ALZ-0001"

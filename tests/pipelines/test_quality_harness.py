@@ -122,3 +122,93 @@ def test_harness_runs_two_seeds_pairs_and_logs(tiny_slices, tmp_path, monkeypatc
     record = json.loads(plain0.record.read_text())
     rerun = run_job(plain0)
     assert rerun["command"] == plain0.cmd and rerun["command"] != record["command"]
+
+
+# ------------------------------------------------------------------------------------------------ k-fold
+
+
+CT_CLASSES = ["normal", "hemorrhage"]
+
+
+def test_plan_with_folds_gives_each_fold_its_own_run_and_the_plain_loop_its_split(tmp_path):
+    jobs = plan_jobs("ct_hemorrhage", tmp_path, [PLAIN, "base"], [0], 1, tmp_path / "q", {"epochs": 3}, folds=3,
+                     class_names=CT_CLASSES)
+    assert [(j.recipe, j.seed, j.fold) for j in jobs] == [(PLAIN, 0, 0), (PLAIN, 0, 1), (PLAIN, 0, 2),
+                                                          ("base", 0, 0), ("base", 0, 1), ("base", 0, 2)]
+    assert len({j.out_dir for j in jobs}) == 6
+    plain = jobs[1]
+    assert plain.cmd[plain.cmd.index("--split-csv") + 1] == str(plain.out_dir / "split.csv")
+    assert plain.cmd[plain.cmd.index("--class-names") + 1:][:2] == CT_CLASSES and "--data-dir" not in plain.cmd
+    # the plain job carries the bundle's split ids of its fold, so it can write the same split
+    assert plain.overrides["num_folds"] == 3 and plain.overrides["fold"] == 1 and plain.overrides["seed"] == 0
+    base = jobs[4]
+    assert base.overrides["num_folds"] == 3 and base.overrides["fold"] == 1 and base.overrides["epochs"] == 3
+    assert base.overrides["ckpt_dir"].endswith("base/seed0/fold1/models")
+
+
+def test_pooled_folds_score_each_image_once_and_sum_the_budget(tmp_path):
+    from pipelines.experiments.quality import pool_folds
+
+    jobs, records = [], []
+    for fold, images in enumerate((["/c.png", "/a.png"], ["/b.png", "/d.png"])):
+        job = Job("base", 0, tmp_path / "base" / "seed0" / f"fold{fold}", fold=fold)
+        job.out_dir.mkdir(parents=True)
+        write_probabilities(job.probs_csv, images, [0, 1], np.array([[0.9, 0.1], [0.2, 0.8]]), CT_CLASSES)
+        pd.DataFrame({"image": images, "label": [0, 1], "split": "test",
+                      "subject_id": [f"grp-{fold}", f"grp-{fold}"]}).to_csv(job.out_dir / "split.csv", index=False)
+        jobs.append(job)
+        records.append({"cpu_s": 60.0 * (fold + 1), "wall_s": 10.0, "train_images": 100, "train_cpu_s": 50.0,
+                        "epochs": 4 + 2 * fold, "threads": 1})
+    pooled, recs, groups = pool_folds(jobs, records, CT_CLASSES)
+    assert [(j.recipe, j.seed, j.out_dir) for j in pooled] == [("base", 0, tmp_path / "base" / "seed0")]
+    df = read_probabilities(pooled[0].probs_csv, CT_CLASSES)
+    assert df["image"].tolist() == ["/a.png", "/b.png", "/c.png", "/d.png"] and df["label"].tolist() == [1, 0, 0, 1]
+    assert recs[0]["cpu_s"] == 180.0 and recs[0]["epochs"] == 5 and recs[0]["folds"] == 2
+    assert recs[0]["images_per_s"] == pytest.approx(200 / 100.0)
+    assert groups == {"/c.png": "grp-0", "/a.png": "grp-0", "/b.png": "grp-1", "/d.png": "grp-1"}
+    # overlapping folds would count an image twice: refused
+    write_probabilities(jobs[1].probs_csv, ["/a.png", "/d.png"], [0, 1], np.full((2, 2), 0.5), CT_CLASSES)
+    with pytest.raises(ValueError, match="score the same image twice.*a.png"):
+        pool_folds(jobs, records, CT_CLASSES)
+
+
+def test_fold_splits_are_the_bundles_subject_grouped_folds(tmp_path):
+    from tests.conftest import shared_dataset
+
+    data = shared_dataset("head_ct_hemorrhage_png")
+    from pipelines.experiments.quality import write_fold_split
+
+    jobs = [j for j in plan_jobs("ct_hemorrhage", data, [PLAIN], [0], 1, tmp_path / "q",
+                                 {"window_preset": "prewindowed"}, folds=5, class_names=CT_CLASSES)]
+    tests = []
+    for job in jobs:
+        split = pd.read_csv(write_fold_split(job))
+        test, train = split[split["split"] == "test"], split[split["split"] != "test"]
+        assert not set(test["subject_id"]) & set(train["subject_id"])  # no subject on both sides
+        assert len(split) == 100 and set(test["label"]) == {0, 1}
+        tests += test["image"].tolist()
+    assert len(tests) == len(set(tests)) == 100  # every image held out exactly once over the 5 folds
+
+
+def test_plain_loop_trains_on_the_split_rows_and_scores_only_the_test_rows(tmp_path):
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from tests.conftest import REPO_ROOT
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(12):
+        path = tmp_path / f"{i:02d}.png"
+        Image.fromarray(rng.integers(0, 255, (20, 24), dtype=np.uint8)).save(path)
+        rows.append({"image": str(path), "label": i % 2, "split": "test" if i >= 8 else "train"})
+    pd.DataFrame(rows).to_csv(tmp_path / "split.csv", index=False)
+    subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "bench_plain_loop.py"), "--split-csv",
+                    str(tmp_path / "split.csv"), "--class-names", *CT_CLASSES, "--budget-min", "0.001",
+                    "--image-size", "16", "--threads", "1", "--n-bootstrap", "0", "--probs-out",
+                    str(tmp_path / "p.csv")], check=True, capture_output=True, cwd=REPO_ROOT)
+    df = read_probabilities(tmp_path / "p.csv", CT_CLASSES)
+    assert df["image"].tolist() == [str((tmp_path / f"{i:02d}.png").resolve()) for i in range(8, 12)]
+    assert df["label"].tolist() == [0, 1, 0, 1]
