@@ -210,11 +210,30 @@ def _bundle_epochs_images(job: Job) -> tuple[int, int]:
     return epochs, epochs * steps * batch if batch else 0
 
 
+def _same_command(a: Sequence[str], b: Sequence[str]) -> bool:
+    """The same program with the same ``--option value`` pairs, in any order (config-id order does not matter)."""
+
+    def parts(cmd: Sequence[str]) -> tuple[list[str], dict[str, tuple[str, ...]]]:
+        cmd = list(cmd)
+        i = next((k for k, c in enumerate(cmd) if c.startswith("--")), len(cmd))
+        opts: dict[str, list[str]] = {}
+        key = None
+        for c in cmd[i:]:
+            if c.startswith("--"):
+                key = c
+                opts.setdefault(key, [])
+            elif key is not None:
+                opts[key].append(c)
+        return cmd[:i], {k: tuple(v) for k, v in opts.items()}
+
+    return list(a) == list(b) or parts(a) == parts(b)
+
+
 def run_job(job: Job, threads: int = 1, reuse: bool = True) -> dict[str, Any]:
     """Train (unless a finished record exists and ``reuse``), score the test folder, write ``run.json``."""
     if reuse and job.record.is_file() and job.probs_csv.is_file():
         record = json.loads(job.record.read_text())
-        if record.get("command") == job.cmd:
+        if _same_command(record.get("command") or [], job.cmd):
             logger.info("%s seed %d: reusing %s", job.recipe, job.seed, job.record)
             return record
         logger.warning("%s seed %d: %s was made by another command (other overrides or budget); training again",

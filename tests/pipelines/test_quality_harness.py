@@ -212,3 +212,13 @@ def test_plain_loop_trains_on_the_split_rows_and_scores_only_the_test_rows(tmp_p
     df = read_probabilities(tmp_path / "p.csv", CT_CLASSES)
     assert df["image"].tolist() == [str((tmp_path / f"{i:02d}.png").resolve()) for i in range(8, 12)]
     assert df["label"].tolist() == [0, 1, 0, 1]
+
+
+def test_a_run_is_reused_whatever_the_order_of_its_config_ids():
+    from pipelines.experiments.quality import _same_command
+
+    a = ["py", "-m", "monai.bundle", "run", "--config_file", "t.json", "--seed", "0", "--epochs", "20"]
+    assert _same_command(a, a[:6] + ["--epochs", "20", "--seed", "0"])
+    assert not _same_command(a, a[:6] + ["--epochs", "40", "--seed", "0"])
+    assert not _same_command(a, a[:8])
+    assert not _same_command(a, ["py", "other.py"] + a[4:])
