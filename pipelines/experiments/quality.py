@@ -451,6 +451,7 @@ def benchmark_quality(bundle: str, dataset_dir: str, recipes: Sequence[str] = ("
     """Run (or reuse) every (recipe, seed) and the plain loop, then write and log the tables; see the module doc."""
     from monai.bundle import ConfigParser
 
+    from pipelines.evaluation.report import atomic_write_csv, atomic_write_text
     from pipelines.tracking import bundle_dir
 
     out = Path(out_dir or Path("runs") / "quality" / bundle).resolve()
@@ -472,10 +473,10 @@ def benchmark_quality(bundle: str, dataset_dir: str, recipes: Sequence[str] = ("
     report = Path(report_dir).resolve() if report_dir else out
     report.mkdir(parents=True, exist_ok=True)
     runs_csv, summary_csv, md = report / "runs.csv", report / "summary.csv", report / "summary.md"
-    runs.to_csv(runs_csv, index=False)
-    summary.to_csv(summary_csv, index=False)
+    atomic_write_csv(runs_csv, runs)
+    atomic_write_csv(summary_csv, summary)
     text = summary_markdown(runs, summary, title or f"{bundle} vs the plain loop on {Path(dataset_dir).name}")
-    md.write_text(text)
+    atomic_write_text(md, text)
     params = {"bundle": bundle, "dataset": Path(dataset_dir).name, "recipes": list(recipes), "seeds": list(seeds),
               "budget_min": budget_min, "folds": folds, "threads": threads, "overrides": dict(overrides or {}),
               "n_bootstrap": n_bootstrap}

@@ -222,3 +222,34 @@ def test_a_run_is_reused_whatever_the_order_of_its_config_ids():
     assert not _same_command(a, a[:6] + ["--epochs", "40", "--seed", "0"])
     assert not _same_command(a, a[:8])
     assert not _same_command(a, ["py", "other.py"] + a[4:])
+
+
+def test_a_bad_split_csv_is_refused_naming_the_file(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    bad = tmp_path / "split.csv"
+    cmd = [sys.executable, str(REPO_ROOT / "benchmarks" / "bench_plain_loop.py"), "--split-csv", str(bad),
+           "--class-names", *CT_CLASSES, "--budget-min", "0.001"]
+    pd.DataFrame({"image": ["/a.png"], "label": [0]}).to_csv(bad, index=False)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
+    assert proc.returncode != 0 and f"{bad}: missing columns ['split']" in proc.stderr
+    pd.DataFrame({"image": ["/a.png"], "label": [2], "split": ["test"]}).to_csv(bad, index=False)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
+    assert proc.returncode != 0 and f"{bad}: labels outside 0..1" in proc.stderr
+
+
+def test_pooled_images_without_a_subject_id_are_refused(tmp_path):
+    from pipelines.experiments.quality import summarise
+
+    jobs = []
+    for recipe in (PLAIN, "base"):
+        job = Job(recipe, 0, tmp_path / recipe)
+        job.out_dir.mkdir()
+        write_probabilities(job.probs_csv, ["/a.png", "/b.png"], [0, 1], np.full((2, 2), 0.5), CT_CLASSES)
+        jobs.append(job)
+    rec = {"cpu_s": 60.0, "train_cpu_s": 60.0, "wall_s": 60.0, "epochs": 1, "images_per_s": 1.0}
+    with pytest.raises(ValueError, match=r"no subject id for 1 test images, e.g. /b.png"):
+        summarise(jobs, [rec, rec], CT_CLASSES, n_bootstrap=10, groups={"/a.png": "grp-0"})
