@@ -11,7 +11,6 @@ import numpy as np
 import pandas as pd
 
 from pipelines.io.atomic import atomic_write
-
 from pipelines.manifests.schema import ManifestError, manifest_digest, write_manifest
 
 logger = logging.getLogger(__name__)
