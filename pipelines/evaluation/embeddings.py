@@ -431,7 +431,7 @@ class EmbeddingHandler:
         self._feats: list[np.ndarray] = []
         self._preds: list[np.ndarray] = []
         self._labels: list[np.ndarray] = []
-        self._subjects: list[str] = []
+        self._subjects: list[str | None] = []
 
     def attach(self, engine: Any) -> None:
         from ignite.engine import Events
@@ -468,9 +468,8 @@ class EmbeddingHandler:
             labels.append(labels_to_indices(label, len(self.class_names)))
         preds_arr = np.concatenate(preds)
         subjects = _subject_ids(getattr(engine.state, "batch", None), self.subject_key, len(preds_arr))
-        if subjects is None:  # no ids: every sample is its own subject (subject level = sample level)
-            start = len(self._subjects)
-            subjects = [f"sample-{start + i}" for i in range(len(preds_arr))]
+        if subjects is None:  # no ids: every sample is its own subject, named once the ranks' rows are gathered
+            subjects = [None] * len(preds_arr)
         if len(feats) != len(preds_arr):
             raise ValueError(f"embedding layer {self.hook.layer!r} gave {len(feats)} feature rows for "
                              f"{len(preds_arr)} predictions in one iteration")
@@ -480,14 +479,23 @@ class EmbeddingHandler:
         self._subjects.extend(subjects)
 
     def __call__(self, engine: Any = None) -> None:
-        """Events.COMPLETED: cluster, write and log."""
-        if not self._feats:
+        """Events.COMPLETED: gather the ranks' rows (under ``torch.distributed``), then cluster, write and log on
+        rank 0."""
+        from pipelines.training.distributed import gather_in_order, sample_indices
+
+        local = (np.concatenate(self._feats), np.concatenate(self._preds), np.concatenate(self._labels)) \
+            if self._feats else ([], [], [])
+        rows, is_main = gather_in_order(list(zip(*local, self._subjects)), sample_indices(engine))
+        if not is_main:
+            return
+        if not rows:
             logger.warning("EmbeddingHandler: no embeddings were collected; nothing written")
             return
         self.paths = {}
-        feats = np.concatenate(self._feats)
-        preds = np.concatenate(self._preds)
-        labels = np.concatenate(self._labels)
+        feats = np.stack([r[0] for r in rows])
+        preds = np.stack([r[1] for r in rows])
+        labels = np.asarray([r[2] for r in rows])
+        self._subjects = [f"sample-{k}" if r[3] is None else r[3] for k, r in enumerate(rows)]
         if self.subject_report_dir is not None:
             self._subject_report(*_per_subject(feats, preds, labels, self._subjects)[1:])
         if self.level == "subject":

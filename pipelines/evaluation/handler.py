@@ -35,6 +35,7 @@ from pipelines.evaluation.explain import EXPLAIN_METHODS, explain_examples
 from pipelines.evaluation.metrics import _to_numpy, evaluate_predictions, labels_to_indices
 from pipelines.evaluation.report import atomic_write_csv, atomic_write_text, markdown_table, write_evaluation
 from pipelines.evaluation.tta import TTA_POLICIES, model_logits, run_tta_table
+from pipelines.training.distributed import gather_in_order, sample_indices
 
 __all__ = ["EvaluationReportHandler", "sanitize_metric_name", "ENGINE_METRICS"]
 
@@ -260,7 +261,7 @@ class EvaluationReportHandler:
         logits = np.concatenate(self._preds) if self._preds else np.zeros((0, n_classes))
         labels = np.concatenate(self._labels) if self._labels else np.zeros(0, dtype=np.int64)
         # every rank takes part in the gather, also one whose shard is empty
-        logits, labels, subjects, is_main = _gather(logits, labels, self._subjects, _sample_indices(engine))
+        logits, labels, subjects, is_main = _gather(logits, labels, self._subjects, sample_indices(engine))
         if not is_main:
             return
         if len(labels) == 0:
@@ -523,44 +524,26 @@ class EvaluationReportHandler:
         self.mlflow_run_id = run_id
 
 
-def _sample_indices(engine: Any) -> list[int] | None:
-    """Dataset indices of this rank's samples in evaluation order, read from a ``DistributedSampler`` of the
-    engine's loader (MONAI's or torch's); None without one."""
-    loader = getattr(getattr(engine, "state", None), "dataloader", None) or getattr(engine, "data_loader", None)
-    sampler = getattr(loader, "sampler", None)
-    if not isinstance(sampler, torch.utils.data.distributed.DistributedSampler):
-        return None
-    return [int(i) for i in sampler]
-
-
 def _gather(
     logits: np.ndarray, labels: np.ndarray, subjects: list[Any] | None = None, indices: Sequence[int] | None = None
 ) -> tuple[np.ndarray, np.ndarray, list[Any] | None, bool]:
     """Concatenate the shards of all ranks under torch.distributed; (logits, labels, subjects, is_rank_0).
 
-    Subject ids travel as Python objects, like the tensors; None when any rank lacks them. With the dataset
-    ``indices`` of every rank's rows (its ``DistributedSampler``), the rows are put back in dataset order and the
-    copies a padding sampler adds (torch's ``DistributedSampler`` repeats samples to split evenly) are dropped, so
-    the report, bootstrap included, equals a one-process evaluation; otherwise they stay in rank order.
+    Subject ids are None when any rank lacks them. With the dataset ``indices`` of every rank's rows (its
+    ``DistributedSampler``) the rows come back in dataset order without a padding sampler's copies
+    (:func:`pipelines.training.distributed.gather_in_order`), so the report, bootstrap included, equals a
+    one-process evaluation.
     """
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return logits, labels, subjects, True
-    from monai.utils import evenly_divisible_all_gather
+    from pipelines.training.distributed import world_size
 
-    # NCCL only moves CUDA tensors.
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    z = evenly_divisible_all_gather(torch.as_tensor(logits, device=device), concat=True).cpu().numpy()
-    y = evenly_divisible_all_gather(torch.as_tensor(labels, device=device), concat=True).cpu().numpy()
-    shards: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(shards, (subjects, None if indices is None else list(indices), len(labels)))
-    gathered = None if any(s[0] is None for s in shards) else [i for s in shards for i in s[0]]
-    order = None if any(s[1] is None or len(s[1]) != s[2] for s in shards) else [i for s in shards for i in s[1]]
-    if order is not None:
-        first: dict[int, int] = {}
-        for row, index in enumerate(order):
-            first.setdefault(index, row)  # a padded copy comes after its original
-        rows = [first[i] for i in sorted(first)]
-        z, y = z[rows], y[rows]
-        gathered = None if gathered is None else [gathered[r] for r in rows]
-    return z, y, gathered, dist.get_rank() == 0
+    if world_size() == 1:
+        return logits, labels, subjects, True
+    has_ids = subjects is not None
+    rows, is_main = gather_in_order(
+        list(zip(logits, labels, subjects if has_ids else [None] * len(labels), [has_ids] * len(labels))), indices
+    )
+    n_classes = logits.shape[1] if logits.ndim == 2 else 0
+    z = np.stack([r[0] for r in rows]) if rows else np.zeros((0, n_classes), dtype=logits.dtype)
+    y = np.asarray([r[1] for r in rows], dtype=labels.dtype)
+    ids = [r[2] for r in rows] if (all(r[3] for r in rows) if rows else has_ids) else None
+    return z, y, ids, is_main

@@ -294,10 +294,17 @@ class DenoisingReportHandler:
             )
 
     def __call__(self, engine: Any) -> None:
-        if not self.rows:
+        """Events.COMPLETED: gather the ranks' rows (under ``torch.distributed``, back in dataset order), then
+        write and log the report on rank 0."""
+        from pipelines.training.distributed import gather_in_order, sample_indices
+
+        rows, is_main = gather_in_order(self.rows, sample_indices(engine))
+        if not is_main:
+            return
+        if not rows:
             logger.warning("DenoisingReportHandler: no samples evaluated; no report written")
             return
-        per_image = pd.DataFrame(self.rows)
+        per_image = pd.DataFrame(rows)
         run = self._start_mlflow()
         try:
             table, paths = write_denoising_report(per_image, self.output_dir, self.n_resamples, self.seed, self.alpha)

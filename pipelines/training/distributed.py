@@ -29,8 +29,8 @@ import torch.distributed as dist
 logger = logging.getLogger(__name__)
 
 __all__ = ["init", "destroy", "rank", "world_size", "local_device", "device_ids", "hold_others", "release_others",
-           "DistributedWeightedSampler", "make_sampler", "rank_zero_handlers", "gather_rows", "sync_buffers",
-           "SyncBuffers"]
+           "DistributedWeightedSampler", "make_sampler", "rank_zero_handlers", "gather_rows", "sample_indices",
+           "gather_in_order", "sync_buffers", "SyncBuffers"]
 
 
 def is_distributed() -> bool:
@@ -168,6 +168,38 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
 
     device = local_device() if dist.get_backend() == "nccl" else torch.device("cpu")
     return evenly_divisible_all_gather(x.contiguous().to(device), concat=True).to(x.device)
+
+
+def sample_indices(engine: Any) -> list[int] | None:
+    """Dataset indices of this rank's samples in evaluation order, read from a ``DistributedSampler`` of the
+    engine's loader (MONAI's or torch's); None without one."""
+    loader = getattr(getattr(engine, "state", None), "dataloader", None) or getattr(engine, "data_loader", None)
+    sampler = getattr(loader, "sampler", None)
+    if not isinstance(sampler, torch.utils.data.distributed.DistributedSampler):
+        return None
+    return [int(i) for i in sampler]
+
+
+def gather_in_order(rows: Sequence[Any], indices: Sequence[int] | None = None) -> tuple[list[Any], bool]:
+    """All ranks' ``rows`` (any picklable per-sample records) on every rank; ``(rows, is_rank_0)``.
+
+    With the dataset ``indices`` of every rank's rows (:func:`sample_indices`, one per row), the rows come back in
+    dataset order and the copies a padding sampler adds (torch's ``DistributedSampler`` repeats samples to split
+    evenly) are dropped, so a report computed from them (bootstrap included) equals a one-process one; without
+    indices on every rank, or when a rank's rows and indices differ in number, they stay in rank order.
+    Outside ``torch.distributed``: ``(list(rows), True)``.
+    """
+    if not is_distributed() or world_size() == 1:
+        return list(rows), True
+    shards: list[Any] = [None] * world_size()
+    dist.all_gather_object(shards, (list(rows), None if indices is None else [int(i) for i in indices]))
+    gathered = [r for shard in shards for r in shard[0]]
+    if all(s[1] is not None and len(s[1]) == len(s[0]) for s in shards):
+        first: dict[int, int] = {}
+        for row, index in enumerate(i for s in shards for i in s[1]):
+            first.setdefault(index, row)  # a padded copy comes after its original
+        gathered = [gathered[first[i]] for i in sorted(first)]
+    return gathered, rank() == 0
 
 
 @torch.no_grad()
