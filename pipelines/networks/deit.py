@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 from monai.networks.blocks import PatchEmbeddingBlock, TransformerBlock
 
+from pipelines.networks.transformer import freeze_unused_cross_attention
+
 
 class DeiTClassifier(nn.Module):
     """ViT with class and distillation tokens for 2D classification.
@@ -90,6 +92,7 @@ class DeiTClassifier(nn.Module):
         self.head_dist = nn.Linear(hidden_size, num_classes)
         self.feature_grid = (img_size // patch_size, img_size // patch_size)
         self.num_prefix_tokens = 2
+        freeze_unused_cross_attention(self)  # or DDP stops: MONAI's blocks hold an unused LayerNorm
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised [CLS] and [DIST] embeddings, ``(N, 2, hidden_size)``."""

@@ -16,6 +16,8 @@ import torch.nn as nn
 from monai.networks.blocks import TransformerBlock
 from monai.networks.nets import ResNet
 
+from pipelines.networks.transformer import freeze_unused_cross_attention
+
 
 class CNNViTHybrid(nn.Module):
     """CNN-ViT hybrid for 2D classification; ``forward`` returns one logits tensor ``(N, num_classes)``.
@@ -108,6 +110,7 @@ class CNNViTHybrid(nn.Module):
         self.head_drop = nn.Dropout(dropout)
         self.head = nn.Linear(hidden_size, num_classes)
         nn.init.zeros_(self.head.bias)
+        freeze_unused_cross_attention(self)  # or DDP stops: MONAI's blocks hold an unused LayerNorm
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised [CLS] embedding ``(N, hidden_size)`` (the penultimate features)."""

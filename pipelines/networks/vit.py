@@ -6,6 +6,8 @@ import torch
 import torch.nn as nn
 from monai.networks.nets import ViT
 
+from pipelines.networks.transformer import freeze_unused_cross_attention
+
 
 class ViTClassifier(nn.Module):
     """Vision Transformer (Dosovitskiy et al., ICLR 2021) returning logits ``(N, num_classes)``.
@@ -53,6 +55,7 @@ class ViTClassifier(nn.Module):
         self.blocks = self.vit.blocks
         self.feature_grid = (img_size // patch_size, img_size // patch_size)
         self.num_prefix_tokens = 1
+        freeze_unused_cross_attention(self)  # or DDP stops: MONAI's blocks hold an unused LayerNorm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.vit(x)[0]

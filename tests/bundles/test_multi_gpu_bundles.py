@@ -116,3 +116,28 @@ def test_two_process_evaluation_writes_the_reports_of_one_process(trained):
     runs = client.search_runs(client.get_experiment_by_name(trained["bundle"]).experiment_id,
                               filter_string="tags.stage = 'evaluation'")
     assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
+
+
+def test_deit_distillation_overlay_trains_on_two_processes(tmp_path):
+    # the transformer overlays (hybrid, ViT, DeiT) hold MONAI's unused cross-attention LayerNorm; DDP stopped them
+    # at the second iteration until it was frozen (tests/pipelines/test_transformer_ddp_ready.py)
+    import torch
+
+    from pipelines.networks.cnn import build_classifier
+
+    env = {**bundle_env(tmp_path), "OMP_NUM_THREADS": "1"}
+    teacher = tmp_path / "teacher.pt"
+    torch.save(build_classifier("resnet50", in_channels=1, num_classes=4, widen_factor=0.125).state_dict(), teacher)
+    cfg = "bundles/alz_hybrid/configs"
+    _run(_torchrun("run", "--config_file", f"['{cfg}/train.json','{cfg}/deit_distill.json','{cfg}/multi_gpu_train.json']",
+                   "--dataset_dir", "$pipelines.phantoms.alzheimer.default_dataset('alzheimer-tiny')",
+                   *overrides(image_size=32, batch_size=4, num_workers=0, vit_patch_size=8, vit_hidden_size=32,
+                              vit_layers=1, vit_heads=2, vit_mlp_dim=64, teacher_widen_factor=0.125, epochs=2),
+                   "--teacher_ckpt", str(teacher), "--output_dir", str(tmp_path / "out"),
+                   "--ckpt_dir", str(tmp_path / "models")), env)
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs(client.get_experiment_by_name("alz_hybrid").experiment_id)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "val_macro_f1")] == [1, 2]
+    last = load_checkpoint(tmp_path / "models" / "checkpoint_last.pt")
+    assert last["trainer"]["iteration"] > 2  # several iterations per epoch: the second one used to fail
