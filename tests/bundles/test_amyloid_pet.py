@@ -122,7 +122,7 @@ def test_inference_on_a_dicom_series(trained):
         "--input_path", series, "--output_dir", str(out), env=trained["env"],
     )
     pred = json.loads((out / "predictions.json").read_text())
-    assert pred["model"] == {"name": "amyloid_pet", "version": "0.1.2"}
+    assert pred["model"] == {"name": "amyloid_pet", "version": "0.1.3"}
     (study,) = pred["studies"]
     assert study["input_kind"] == "volume" and study["n_slices"] == 4
     assert study["predicted_class"] in ("negative", "intermediate", "positive")

@@ -234,7 +234,7 @@ def test_inference_on_a_dicom_series_writes_study_json_and_csv(trained):
         "--input_path", str(phantom / study), "--output_dir", str(out), "--threshold", "0.01", env=trained["env"],
     )
     pred = json.loads((out / "predictions.json").read_text())
-    assert pred["model"] == {"name": "ct_hemorrhage", "version": "0.2.0"} and pred["aggregation"] == "max"
+    assert pred["model"] == {"name": "ct_hemorrhage", "version": "0.2.1"} and pred["aggregation"] == "max"
     (result,) = pred["studies"]
     assert result["input_kind"] == "dicom_series" and result["n_slices"] == 8
     p = [s["prob_hemorrhage"] for s in result["slices"]]

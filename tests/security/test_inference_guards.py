@@ -1,4 +1,4 @@
-"""D3, D7, R3: the alz_hybrid and amyloid_pet inference refuse series they were not trained for, pick one of several
+"""D3, D7, R3: the alz_hybrid, alz_binary and amyloid_pet inference refuse series they were not trained for, pick one of several
 series by config id, and never leave an earlier study's predictions.json after a failed run."""
 
 from __future__ import annotations
@@ -46,12 +46,13 @@ def test_mr_series_into_amyloid_pet_is_refused(tmp_path, volume):
     assert str(tmp_path / "fieldmap") in str(err.value) and "allow_other_modality=true" in str(err.value)
 
 
-def test_ct_series_into_alz_hybrid_is_refused_unless_overridden(tmp_path, volume):
+@pytest.mark.parametrize("bundle", ["alz_hybrid", "alz_binary"])
+def test_ct_series_into_an_mri_bundle_is_refused_unless_overridden(tmp_path, volume, bundle):
     write_mr_series(volume, tmp_path / "ct", extra={"Modality": "CT"})
     with pytest.raises(InputError, match="Modality is 'CT'.*takes MR"):
-        bundle_predictor("alz_hybrid").predict_volume(tmp_path / "ct")
+        bundle_predictor(bundle).predict_volume(tmp_path / "ct")
     with pytest.warns(UserWarning, match="classified anyway"):
-        result = bundle_predictor("alz_hybrid", allow_other_modality=True).predict_volume(tmp_path / "ct")
+        result = bundle_predictor(bundle, allow_other_modality=True).predict_volume(tmp_path / "ct")
     assert result["n_slices"] > 0
 
 
@@ -62,16 +63,17 @@ def test_one_slice_pet_is_refused(tmp_path, volume):
     assert "min_slices" in str(err.value)
 
 
-def test_series_uid_config_id_picks_one_of_two_series(tmp_path, volume):
+@pytest.mark.parametrize("bundle", ["alz_hybrid", "alz_binary"])
+def test_series_uid_config_id_picks_one_of_two_series(tmp_path, volume, bundle):
     write_mr_series(volume, tmp_path / "study" / "a", seed=1)
     write_mr_series(volume[:, :, :12], tmp_path / "study" / "b", seed=2, extra={"SeriesDescription": "localizer"})
     with pytest.raises(Exception, match="holds 2 series") as err:
-        bundle_predictor("alz_hybrid").predict_volume(tmp_path / "study")
+        bundle_predictor(bundle).predict_volume(tmp_path / "study")
     msg = str(err.value)
     assert "config id series_uid" in msg and "localizer" in msg and "24 slices" in msg and "12 slices" in msg
     uid = msg.split(": ")[-1].split(" ")[0]
-    assert bundle_predictor("alz_hybrid", series_uid=uid).predict_volume(tmp_path / "study")["n_slices"] > 0
-    assert bundle_predictor("alz_hybrid", series_description="T1").predict_volume(tmp_path / "study")
+    assert bundle_predictor(bundle, series_uid=uid).predict_volume(tmp_path / "study")["n_slices"] > 0
+    assert bundle_predictor(bundle, series_description="T1").predict_volume(tmp_path / "study")
 
 
 def test_failed_inference_leaves_no_stale_predictions(tmp_path, volume):
