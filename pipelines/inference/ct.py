@@ -29,8 +29,9 @@ import torch
 
 from pipelines.inference.aggregate import aggregate_probs
 from pipelines.inference.predict import ClassificationPredictor, InputError, _atomic_write, no_stale_outputs
+from pipelines.io.ct import hu_to_8bit, window_channels
+from pipelines.io.dicom import is_dicom_file
 from pipelines.manifests.builders import IMAGE_EXTENSIONS
-from pipelines.training.ct_data import hu_to_8bit, is_dicom_file, window_channels
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ def study_scores(probs: np.ndarray, positive_index: int, topk: int = 3) -> dict[
 def series_slices(volume: Any, prewindowed: bool = False, dicom_window: str | Sequence[float] = "brain"):
     """The slices of a :class:`pipelines.io.dicom.DicomVolume` as ``(1, X, Y)`` float32 tensors, in sorted order.
 
-    The layout equals :class:`pipelines.training.ct_data.LoadCTImage` on the slice's own file: HU, or for a
+    The layout equals :class:`pipelines.io.ct.LoadCTImage` on the slice's own file: HU, or for a
     pre-windowed model the 8-bit rendering with ``dicom_window``.
     """
     out = []

@@ -38,8 +38,19 @@ if TYPE_CHECKING:
     import SimpleITK
     from monai.data import MetaTensor
 
-__all__ = ["DicomSeriesError", "DicomTooLargeError", "DicomVolume", "find_series", "load_series", "read_dicom_slice"]
+__all__ = [
+    "DICOM_SUFFIXES",
+    "DicomSeriesError",
+    "DicomTooLargeError",
+    "DicomVolume",
+    "find_series",
+    "is_dicom_file",
+    "load_series",
+    "read_dicom_slice",
+]
 
+#: File name endings taken for DICOM without looking inside (:func:`is_dicom_file`).
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 _REQUIRED_TAGS = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _NATIVE_LE = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
@@ -144,6 +155,19 @@ def _has_preamble(path: Path) -> bool:
     with open(path, "rb") as fh:
         head = fh.read(132)
     return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def is_dicom_file(path: str | os.PathLike) -> bool:
+    """True for a ``.dcm``/``.dicom``/``.ima`` file or any file with the ``DICM`` preamble marker."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return True
+    try:
+        return _has_preamble(path)
+    except OSError:
+        return False
 
 
 def _plausible_raw_dicom(path: Path) -> bool:

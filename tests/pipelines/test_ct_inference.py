@@ -1,4 +1,4 @@
-"""Head-CT study inference (pipelines.inference.ct) and CT slice loading (pipelines.training.ct_data).
+"""Head-CT study inference (pipelines.inference.ct) and CT slice loading (pipelines.io.ct).
 
 The network is a fixed-weight "hyperdense pixel" detector, not a trained model: it scores the fraction of pixels
 whose brain-window value lies in [0.72, 0.99) (about 58..79 HU, the range of acute blood in the phantom), so
@@ -23,9 +23,9 @@ from PIL import Image
 
 from pipelines.inference.aggregate import aggregate_probs
 from pipelines.inference.ct import CTStudyPredictor, InputError, series_slices, study_scores
+from pipelines.io.ct import LoadCTImage, hu_to_8bit, load_prewindowed_2d
 from pipelines.io.dicom import load_series
 from pipelines.phantoms.head_ct import make_head_ct_volume, write_dicom_series
-from pipelines.training.ct_data import LoadCTImage, hu_to_8bit, load_prewindowed_2d
 from tests.conftest import REPO_ROOT
 
 SHAPE = (8, 64, 64)
