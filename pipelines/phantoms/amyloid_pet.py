@@ -16,6 +16,9 @@ FWHM) and noise level. Everything is deterministic in ``(seed, cls)``.
 Array layout is ``(z, y, x)`` = (slice, row, column), as DICOM stores it: slice index 0 is the most inferior
 slice, rows run anterior -> posterior and columns run patient right -> left (LPS, ImageOrientationPatient
 ``[1, 0, 0, 0, 1, 0]``), so a loader that reorients to RAS gets the cerebellum at low axis-2 indices.
+
+The bundle's defaults are generated once into the phantom cache: :func:`default_dataset` (the cohort) and
+:func:`example_series` (one subject's series folder).
 """
 
 from __future__ import annotations
@@ -33,17 +36,25 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, gene
 from pydicom.valuerep import format_number_as_ds
 from scipy import ndimage
 
+from pipelines.phantoms.cache import cached_dataset, into_new_folder
+
 __all__ = [
     "CLASS_NAMES",
     "F18_HALF_LIFE_S",
+    "GENERATOR_VERSION",
     "LABELS",
     "PHANTOM_FOV_MM",
+    "PRESETS",
+    "default_dataset",
+    "example_series",
     "make_amyloid_dataset",
     "make_amyloid_volume",
     "write_pet_series",
 ]
 
 F18_HALF_LIFE_S = 6586.2
+#: Part of the phantom cache key: bump when the generator's output changes.
+GENERATOR_VERSION = "1"
 PET_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.128"
 PHILIPS_PRIVATE_CREATOR = "Philips PET Private Group"
 CLASS_NAMES = ("negative", "intermediate", "positive")
@@ -493,3 +504,41 @@ def make_amyloid_dataset(
     table = pd.DataFrame(rows)
     table.to_csv(table_path, index=False)
     return table
+
+
+# ------------------------------------------------------------------------------------------------ bundle defaults
+
+#: Named data sets of :func:`default_dataset` -> :func:`make_amyloid_dataset` arguments.
+PRESETS = {
+    # 60 subjects in the 291/78/234 proportions: 29 negative, 8 intermediate, 23 positive.
+    "amyloid_pet": {"n_subjects": 60, "shape": (32, 64, 64)},
+    # 12 subjects (5/2/5), small volumes: for tests.
+    "amyloid_pet-tiny": {"n_subjects": 12, "shape": (20, 32, 32)},
+}
+
+
+def default_dataset(name: str = "amyloid_pet", seed: int = 0, **kwargs) -> str:
+    """Path of the embedded amyloid PET phantom, generated into the cache on first use.
+
+    Args:
+        name: ``"amyloid_pet"`` (60 subjects, 32 x 64 x 64 voxels) or ``"amyloid_pet-tiny"`` (12 subjects,
+            20 x 32 x 32; for tests).
+        seed: phantom seed.
+        kwargs: passed to :func:`make_amyloid_dataset` (part of the cache key).
+
+    Returns:
+        The data set folder (str): ``participants.csv`` and ``sub-XXX/ses-01/pet/*.dcm``. The cache is
+        ``$NEURO_MONAI_CACHE/phantoms`` (default ``<repo>/.cache/phantoms``).
+
+    Raises:
+        ValueError: unknown ``name``.
+    """
+    return cached_dataset(name, seed, GENERATOR_VERSION, PRESETS, kwargs, "participants.csv",
+                          into_new_folder(make_amyloid_dataset))
+
+
+def example_series(name: str = "amyloid_pet", seed: int = 0, index: int = -1) -> str:
+    """Series folder of one phantom subject (default: the last one), e.g. the inference example input."""
+    root = Path(default_dataset(name, seed))
+    table = pd.read_csv(root / "participants.csv", dtype=str)
+    return str(root / table["series_dir"].iloc[index])

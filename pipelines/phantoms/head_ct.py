@@ -16,15 +16,20 @@ noise (Gaussian, 3-5 HU sd, after a slight in-plane blur that stands for partial
 pure function of ``seed``: the same seed gives byte-identical pixel data and identical DICOM UIDs.
 
 Outputs: :func:`make_head_ct_volume` (arrays), :func:`write_dicom_series` (one CT Image Storage series,
-Explicit VR Little Endian), :func:`make_head_ct_dataset` (a folder of studies plus ``labels.csv``).
+Explicit VR Little Endian), :func:`make_head_ct_dataset` (a folder of studies plus ``labels.csv``); the bundle's
+defaults, generated once into the phantom cache: :func:`default_dataset` and :func:`example_series`.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -34,6 +39,8 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLi
 from pydicom.valuerep import format_number_as_ds
 from scipy.ndimage import gaussian_filter
 
+from pipelines.phantoms.cache import cache_root, cached_dataset, into_new_folder
+
 __all__ = [
     "AIR",
     "BONE",
@@ -42,10 +49,13 @@ __all__ = [
     "GREY",
     "HAEMORRHAGE",
     "HEMORRHAGE_TYPES",
+    "PRESETS",
     "SCALP",
     "TISSUE_NAMES",
     "WHITE",
+    "default_dataset",
     "default_spacing",
+    "example_series",
     "make_head_ct_dataset",
     "make_head_ct_volume",
     "write_dicom_series",
@@ -625,3 +635,60 @@ def make_head_ct_dataset(
     table = pd.DataFrame(rows)
     table.to_csv(labels_path, index=False)
     return table
+
+
+# ------------------------------------------------------------------------------------------------ bundle defaults
+
+#: Named data sets of :func:`default_dataset` -> :func:`make_head_ct_dataset` arguments.
+PRESETS = {
+    "head_ct": {"n_studies": 24, "slices": 24, "size": 128},
+    "head_ct-tiny": {"n_studies": 6, "slices": 8, "size": 64},
+}
+
+
+def default_dataset(name: str = "head_ct", seed: int = 0, **kwargs: Any) -> str:
+    """Path of the head-CT phantom data set, generated on first use into the cache (``$NEURO_MONAI_CACHE``).
+
+    Args:
+        name: ``"head_ct"`` (24 studies x 24 slices of 128x128, about 10 s to generate) or ``"head_ct-tiny"``
+            (6 studies x 8 slices of 64x64: for tests).
+        seed: generator seed.
+        kwargs: passed to :func:`make_head_ct_dataset` (part of the cache key).
+
+    Returns:
+        The folder (str) holding one DICOM series folder per study and ``labels.csv``.
+
+    Raises:
+        ValueError: unknown name.
+    """
+    return cached_dataset(name, seed, GENERATOR_VERSION, PRESETS, kwargs, "labels.csv",
+                          into_new_folder(make_head_ct_dataset))
+
+
+def example_series(kind: str = "iph", seed: int = 0, slices: int = 24, size: int = 128) -> str:
+    """A held-out phantom study (one DICOM series folder), generated on first use; never part of a data set.
+
+    Args:
+        kind: ``"iph"``, ``"sdh"`` or ``"none"``.
+        seed: volume seed (the data sets draw theirs from other streams).
+        slices, size: series shape.
+
+    Returns:
+        The series folder (str).
+    """
+    folder = cache_root() / "phantoms" / f"head_ct-example-v{GENERATOR_VERSION}-{kind}-seed{seed}-{slices}x{size}"
+    if folder.is_dir() and any(folder.glob("*.dcm")):
+        return str(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".head_ct-example-", dir=folder.parent))
+    try:
+        hu, _, _ = make_head_ct_volume(10_000 + seed, (slices, size, size), kind)
+        write_dicom_series(hu, tmp, patient_id="PHANTOM-9001", seed=10_000 + seed)
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if not any(folder.glob("*.dcm")):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(folder)

@@ -15,8 +15,9 @@ fold ``fold`` of a stratified k-fold the test split (cross-validation); otherwis
 subjects is held out. Validation subjects are then drawn from the rest. The checked lists, ``manifest.csv`` and
 ``split.json`` come from :func:`pipelines.training.data.prepare_data`.
 
-Slice loading (``LoadCTImage[d]``, ``hu_to_8bit``, ``window_channels``) lives in :mod:`pipelines.io.ct` and DICOM
-sniffing (``is_dicom_file``) in :mod:`pipelines.io.dicom`; they are re-exported here because the bundle configs
+Slice loading (``LoadCTImage[d]``, ``hu_to_8bit``, ``window_channels``) lives in :mod:`pipelines.io.ct`, DICOM
+sniffing (``is_dicom_file``) in :mod:`pipelines.io.dicom` and the phantom defaults (``default_dataset``,
+``example_series``) in :mod:`pipelines.phantoms.head_ct`; they are re-exported here because the bundle configs
 name them under this module.
 """
 
@@ -29,7 +30,6 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -45,6 +45,7 @@ from pipelines.io.ct import (
 )
 from pipelines.io.dicom import DICOM_SUFFIXES, is_dicom_file
 from pipelines.manifests.schema import ManifestError
+from pipelines.phantoms.head_ct import default_dataset, example_series
 
 logger = logging.getLogger(__name__)
 
@@ -66,12 +67,6 @@ __all__ = [
     "prepare_ct_data",
     "window_channels",
 ]
-
-_PHANTOM_PRESETS = {
-    "head_ct": {"n_studies": 24, "slices": 24, "size": 128},
-    "head_ct-tiny": {"n_studies": 6, "slices": 8, "size": 64},
-}
-
 
 # ------------------------------------------------------------------------------------------------ data lists
 
@@ -340,66 +335,3 @@ def prepare_ct_data(
         os.replace(partial, split_json)
     data["format"] = fmt
     return data
-
-
-# ------------------------------------------------------------------------------------------------ phantom default
-
-
-def _cache_root() -> Path:
-    from pipelines.phantoms.cache import cache_root
-
-    return cache_root()
-
-
-def default_dataset(name: str = "head_ct", seed: int = 0, **kwargs: Any) -> str:
-    """Path of the head-CT phantom data set, generated on first use into the cache (``$NEURO_MONAI_CACHE``).
-
-    Args:
-        name: ``"head_ct"`` (24 studies x 24 slices of 128x128, about 10 s to generate) or ``"head_ct-tiny"``
-            (6 studies x 8 slices of 64x64: for tests).
-        seed: generator seed.
-        kwargs: passed to :func:`pipelines.phantoms.head_ct.make_head_ct_dataset` (part of the cache key).
-
-    Returns:
-        The folder (str) holding one DICOM series folder per study and ``labels.csv``.
-
-    Raises:
-        ValueError: unknown name.
-    """
-    from pipelines.phantoms.head_ct import GENERATOR_VERSION, make_head_ct_dataset
-
-    from pipelines.phantoms.cache import cached_dataset, into_new_folder
-
-    return cached_dataset(name, seed, GENERATOR_VERSION, _PHANTOM_PRESETS, kwargs, "labels.csv",
-                          into_new_folder(make_head_ct_dataset))
-
-
-def example_series(kind: str = "iph", seed: int = 0, slices: int = 24, size: int = 128) -> str:
-    """A held-out phantom study (one DICOM series folder), generated on first use; never part of a data set.
-
-    Args:
-        kind: ``"iph"``, ``"sdh"`` or ``"none"``.
-        seed: volume seed (the data sets draw theirs from other streams).
-        slices, size: series shape.
-
-    Returns:
-        The series folder (str).
-    """
-    from pipelines.phantoms.head_ct import GENERATOR_VERSION, make_head_ct_volume, write_dicom_series
-
-    folder = _cache_root() / "phantoms" / f"head_ct-example-v{GENERATOR_VERSION}-{kind}-seed{seed}-{slices}x{size}"
-    if folder.is_dir() and any(folder.glob("*.dcm")):
-        return str(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".head_ct-example-", dir=folder.parent))
-    try:
-        hu, _, _ = make_head_ct_volume(10_000 + seed, (slices, size, size), kind)
-        write_dicom_series(hu, tmp, patient_id="PHANTOM-9001", seed=10_000 + seed)
-        try:
-            os.replace(tmp, folder)
-        except OSError:
-            if not any(folder.glob("*.dcm")):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return str(folder)

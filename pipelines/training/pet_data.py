@@ -33,6 +33,8 @@ from pipelines.io.dicom import DicomSeriesError, find_series
 from pipelines.io.suv import SUVError, series_suv_factor
 from pipelines.manifests.schema import ManifestError, manifest_digest, read_manifest, resolve_paths, validate_manifest
 from pipelines.manifests.split import split_counts, write_split
+from pipelines.phantoms.amyloid_pet import GENERATOR_VERSION as PHANTOM_VERSION
+from pipelines.phantoms.amyloid_pet import default_dataset, example_series
 
 __all__ = [
     "CLASS_NAMES",
@@ -48,49 +50,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 CLASS_NAMES = ("negative", "intermediate", "positive")
-#: Part of the phantom cache key: bump when the generator's output changes.
-PHANTOM_VERSION = "1"
-_PRESETS = {
-    # 60 subjects in the 291/78/234 proportions: 29 negative, 8 intermediate, 23 positive.
-    "amyloid_pet": {"n_subjects": 60, "shape": (32, 64, 64)},
-    # 12 subjects (5/2/5), small volumes: for tests.
-    "amyloid_pet-tiny": {"n_subjects": 12, "shape": (20, 32, 32)},
-}
 _PARTICIPANT_FILES = ("participants.csv", "participants.tsv")
 
 
-# ------------------------------------------------------------------------------------------------ phantom
-
-
-def default_dataset(name: str = "amyloid_pet", seed: int = 0, **kwargs) -> str:
-    """Path of the embedded amyloid PET phantom, generated into the cache on first use.
-
-    Args:
-        name: ``"amyloid_pet"`` (60 subjects, 32 x 64 x 64 voxels) or ``"amyloid_pet-tiny"`` (12 subjects,
-            20 x 32 x 32; for tests).
-        seed: phantom seed.
-        kwargs: passed to :func:`pipelines.phantoms.amyloid_pet.make_amyloid_dataset` (part of the cache key).
-
-    Returns:
-        The data set folder (str): ``participants.csv`` and ``sub-XXX/ses-01/pet/*.dcm``. The cache is
-        ``$NEURO_MONAI_CACHE/phantoms`` (default ``<repo>/.cache/phantoms``).
-
-    Raises:
-        ValueError: unknown ``name``.
-    """
-    from pipelines.phantoms.amyloid_pet import make_amyloid_dataset
-
-    from pipelines.phantoms.cache import cached_dataset, into_new_folder
-
-    return cached_dataset(name, seed, PHANTOM_VERSION, _PRESETS, kwargs, "participants.csv",
-                          into_new_folder(make_amyloid_dataset))
-
-
-def example_series(name: str = "amyloid_pet", seed: int = 0, index: int = -1) -> str:
-    """Series folder of one phantom subject (default: the last one), e.g. the inference example input."""
-    root = Path(default_dataset(name, seed))
-    table = pd.read_csv(root / "participants.csv", dtype=str)
-    return str(root / table["series_dir"].iloc[index])
+# ------------------------------------------------------------------------------------------------ inference
 
 
 def reject_2d_image(data: dict) -> dict:
