@@ -1,4 +1,4 @@
-"""Head-CT data for the ``ct_hemorrhage`` bundle: data lists, subject-level splits, the phantom default, slice loading.
+"""Head-CT data for the ``ct_hemorrhage`` bundle: subject-level splits and the checked data lists.
 
 Two sources are understood (``dataset_dir``), besides a project manifest CSV (``manifest``):
 
@@ -15,10 +15,11 @@ fold ``fold`` of a stratified k-fold the test split (cross-validation); otherwis
 subjects is held out. Validation subjects are then drawn from the rest. The checked lists, ``manifest.csv`` and
 ``split.json`` come from :func:`pipelines.training.data.prepare_data`.
 
-Slice loading (``LoadCTImage[d]``, ``hu_to_8bit``, ``window_channels``) lives in :mod:`pipelines.io.ct`, DICOM
-sniffing (``is_dicom_file``) in :mod:`pipelines.io.dicom` and the phantom defaults (``default_dataset``,
-``example_series``) in :mod:`pipelines.phantoms.head_ct`; they are re-exported here because the bundle configs
-name them under this module.
+The layers below hold the rest, re-exported here because the bundle configs name them under this module: slice
+loading (``LoadCTImage[d]``, ``hu_to_8bit``, ``window_channels``) in :mod:`pipelines.io.ct`, DICOM sniffing
+(``is_dicom_file``) in :mod:`pipelines.io.dicom`, the manifests of both sources (``detect_format``,
+``dicom_slice_manifest``, ``png_manifest``) in :mod:`pipelines.manifests.builders` and the phantom defaults
+(``default_dataset``, ``example_series``) in :mod:`pipelines.phantoms.head_ct`.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from pipelines.io.ct import (
     window_channels,
 )
 from pipelines.io.dicom import DICOM_SUFFIXES, is_dicom_file
+from pipelines.manifests.builders import detect_format, dicom_slice_manifest, png_manifest
 from pipelines.manifests.schema import ManifestError
 from pipelines.phantoms.head_ct import default_dataset, example_series
 
@@ -69,123 +71,6 @@ __all__ = [
 ]
 
 # ------------------------------------------------------------------------------------------------ data lists
-
-
-def _read_labels(path: Path) -> pd.DataFrame:
-    try:
-        df = pd.read_csv(path, skipinitialspace=True)
-    except Exception as err:  # pandas raises many kinds
-        raise ManifestError(f"{path}: not a readable CSV ({err})") from err
-    df.columns = [str(c).strip() for c in df.columns]
-    return df
-
-
-def detect_format(dataset_dir: str | os.PathLike) -> str:
-    """``"phantom_dicom"`` or ``"png_labels"`` from the columns of ``dataset_dir/labels.csv``.
-
-    Raises:
-        ManifestError: missing folder or labels.csv, or columns of neither layout.
-    """
-    root = Path(dataset_dir)
-    labels = root / "labels.csv"
-    if not root.is_dir():
-        raise ManifestError(f"dataset_dir not found or not a folder: {root}")
-    if not labels.is_file():
-        raise ManifestError(f"{root}: no labels.csv (expected the head-CT phantom or the head_ct PNG layout)")
-    cols = set(_read_labels(labels).columns)
-    if {"subject_id", "file", "label", "study_label"} <= cols:
-        return "phantom_dicom"
-    if {"id", "hemorrhage"} <= cols:
-        return "png_labels"
-    raise ManifestError(f"{labels}: columns {sorted(cols)} match neither the phantom layout (subject_id, file, "
-                        "label, study_label, ...) nor the PNG layout (id, hemorrhage)")
-
-
-def _binary_class_names(class_names: Sequence[str]) -> list[str]:
-    names = [str(c) for c in class_names]
-    if len(names) != 2:
-        raise ManifestError(f"head-CT labels are binary (0 = {names[:1]}, 1 = positive); got class_names {names}")
-    return names
-
-
-def dicom_slice_manifest(dataset_dir: str | os.PathLike, class_names: Sequence[str]) -> pd.DataFrame:
-    """Per-slice manifest of a head-CT phantom folder.
-
-    Returns:
-        Columns ``subject_id, session_id, image`` (absolute path of the slice's DICOM file), ``label`` (class
-        name of the slice label), ``split`` (empty), ``slice_index``, ``study_id``, ``study_label`` (class name).
-
-    Raises:
-        ManifestError: missing columns or labels other than 0/1.
-    """
-    names = _binary_class_names(class_names)
-    root = Path(dataset_dir).resolve()
-    table = _read_labels(root / "labels.csv")
-    need = {"subject_id", "session_id", "study_id", "file", "slice_index", "label", "study_label"}
-    if not need <= set(table.columns):
-        raise ManifestError(f"{root / 'labels.csv'}: missing column(s) {sorted(need - set(table.columns))}")
-    for col in ("label", "study_label"):
-        bad = ~table[col].isin((0, 1))
-        if bad.any():
-            raise ManifestError(f"{root / 'labels.csv'}: column {col!r} must be 0/1, row {int(bad.idxmax())} is "
-                                f"{table[col][bad].iloc[0]!r}")
-    return pd.DataFrame({
-        "subject_id": table["subject_id"].astype(str),
-        "session_id": table["session_id"].astype(str),
-        "image": [str(root / f) for f in table["file"]],
-        "label": [names[int(v)] for v in table["label"]],
-        "split": "",
-        "slice_index": table["slice_index"].astype(int),
-        "study_id": table["study_id"].astype(str),
-        "study_label": [names[int(v)] for v in table["study_label"]],
-    })
-
-
-def png_manifest(dataset_dir: str | os.PathLike, class_names: Sequence[str], group_size: int = 5) -> pd.DataFrame:
-    """Manifest of the pre-windowed PNG set (``head_ct/NNN.png`` + ``labels.csv`` with ``id, hemorrhage``).
-
-    No patient ids are given; ids ``group_size * g .. group_size * g + group_size - 1`` form pseudo-subject
-    ``grp-g`` so runs of consecutive slices of one patient stay in one split (a patient may still straddle two
-    groups: the split reduces leakage, it cannot rule it out).
-
-    Returns:
-        Columns ``subject_id`` (pseudo), ``session_id``, ``image`` (absolute path), ``label`` (class name),
-        ``split`` (empty), ``slice_index`` (-1), ``study_id``, ``study_label``, ``source_id``.
-
-    Raises:
-        ManifestError: bad ``group_size``, labels other than 0/1, duplicate ids, or a labelled image missing.
-    """
-    names = _binary_class_names(class_names)
-    if isinstance(group_size, bool) or int(group_size) != group_size or group_size < 1:
-        raise ManifestError(f"group_size must be an integer >= 1, got {group_size!r}")
-    root = Path(dataset_dir).resolve()
-    table = _read_labels(root / "labels.csv")
-    if not {"id", "hemorrhage"} <= set(table.columns):
-        raise ManifestError(f"{root / 'labels.csv'}: expected columns id, hemorrhage; got {list(table.columns)}")
-    bad = ~table["hemorrhage"].isin((0, 1))
-    if bad.any():
-        raise ManifestError(f"{root / 'labels.csv'}: hemorrhage must be 0/1, row {int(bad.idxmax())} is "
-                            f"{table['hemorrhage'][bad].iloc[0]!r}")
-    ids = table["id"].astype(int)
-    if ids.duplicated().any():
-        raise ManifestError(f"{root / 'labels.csv'}: duplicate id(s) {sorted(set(ids[ids.duplicated()]))[:5]}")
-    images = [root / "head_ct" / f"{i:03d}.png" for i in ids]
-    missing = [p for p in images if not p.is_file()]
-    if missing:
-        raise ManifestError(f"{root / 'labels.csv'} lists {len(missing)} image(s) that do not exist, e.g. {missing[0]}")
-    groups = [f"grp-{i // int(group_size):03d}" for i in ids]
-    labels = [names[int(v)] for v in table["hemorrhage"]]
-    return pd.DataFrame({
-        "subject_id": groups,
-        "session_id": "ses-01",
-        "image": [str(p) for p in images],
-        "label": labels,
-        "split": "",
-        "slice_index": -1,
-        "study_id": groups,
-        "study_label": labels,
-        "source_id": ids.to_numpy(),
-    })
 
 
 def assign_subject_splits(

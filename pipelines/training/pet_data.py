@@ -1,4 +1,4 @@
-"""PET DICOM series trees -> manifests with one SUV factor per series, subject-level k-fold splits, data lists.
+"""PET data for the ``amyloid_pet`` bundle: subject-level k-fold splits and the checked data lists.
 
 A PET data set here is a folder of DICOM series plus a participants table, the layout that
 :func:`pipelines.phantoms.amyloid_pet.make_amyloid_dataset` writes::
@@ -7,14 +7,18 @@ A PET data set here is a folder of DICOM series plus a participants table, the l
     <root>/sub-001/ses-01/pet/IM0001.dcm ...    one series a row (``series_dir`` relative to <root>;
                                                 default ``<subject_id>/<session_id>/pet``)
 
-:func:`build_pet_manifest` reads every series header once and stores the body-weight SUV factor of the series
-(:func:`pipelines.io.suv.series_suv_factor`, QIBA) in a ``suv_factor`` column, so the transform chain only
-multiplies (``transforms.pet.SUVScaled`` reads ``suv_factor`` from the sample). Nothing in the manifest is taken
-from a voxel: the factor comes from the header of the series alone.
+:func:`pipelines.manifests.builders.build_pet_manifest` reads every series header once and stores the body-weight
+SUV factor of the series (:func:`pipelines.io.suv.series_suv_factor`, QIBA) in a ``suv_factor`` column, so the
+transform chain only multiplies (``transforms.pet.SUVScaled`` reads ``suv_factor`` from the sample). Nothing in the
+manifest is taken from a voxel: the factor comes from the header of the series alone.
 
 :func:`kfold_split` assigns ``test`` to one fold of a subject-level ``StratifiedGroupKFold`` (a subject is never
 in two folds) and carves ``val`` out of the remaining subjects; :func:`prepare_pet_data` is what the
 ``amyloid_pet`` bundle calls from its config.
+
+``build_pet_manifest``, ``CLASS_NAMES`` (:mod:`pipelines.manifests.builders`) and the phantom defaults
+``default_dataset``, ``example_series`` (:mod:`pipelines.phantoms.amyloid_pet`) are re-exported here because the
+bundle configs and docs name them under this module.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ import pandas as pd
 
 from pipelines.io.dicom import DicomSeriesError, find_series
 from pipelines.io.suv import SUVError, series_suv_factor
+from pipelines.manifests.builders import PET_CLASS_NAMES as CLASS_NAMES
+from pipelines.manifests.builders import build_pet_manifest
 from pipelines.manifests.schema import ManifestError, manifest_digest, read_manifest, resolve_paths, validate_manifest
 from pipelines.manifests.split import split_counts, write_split
 from pipelines.phantoms.amyloid_pet import GENERATOR_VERSION as PHANTOM_VERSION
@@ -49,9 +55,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-CLASS_NAMES = ("negative", "intermediate", "positive")
-_PARTICIPANT_FILES = ("participants.csv", "participants.tsv")
-
 
 # ------------------------------------------------------------------------------------------------ inference
 
@@ -68,133 +71,6 @@ def reject_2d_image(data: dict) -> dict:
         f"{data.get('image')}: 2D images are not supported by the amyloid PET bundle (no quantitative scale); "
         "give a PET DICOM series folder or a NIfTI volume"
     )
-
-
-# ----------------------------------------------------------------------------------------------- manifest
-
-
-def _participants(root: Path, participants: str | os.PathLike | None) -> tuple[pd.DataFrame, Path]:
-    if participants is not None:
-        path = Path(participants)
-        path = path if path.is_absolute() else root / path
-    else:
-        found = [root / n for n in _PARTICIPANT_FILES if (root / n).is_file()]
-        if not found:
-            raise ManifestError(f"{root}: no participants table ({' or '.join(_PARTICIPANT_FILES)})")
-        path = found[0]
-    if not path.is_file():
-        raise ManifestError(f"participants table not found: {path}")
-    sep = "\t" if path.suffix.lower() == ".tsv" else ","
-    try:
-        table = pd.read_csv(path, sep=sep, dtype=str)
-    except Exception as e:  # pandas raises many kinds
-        raise ManifestError(f"participants table {path} is not readable: {e}") from e
-    return table, path
-
-
-def _class_name(value: str, class_names: Sequence[str], where: str) -> str:
-    value = str(value).strip()
-    if value in class_names:
-        return value
-    if value.isdigit() and int(value) < len(class_names):
-        return class_names[int(value)]
-    raise ManifestError(f"{where}: label {value!r} is not one of {list(class_names)} (or their indices)")
-
-
-_MAX_PROBLEMS = 10
-
-
-def build_pet_manifest(
-    dataset_dir: str | os.PathLike,
-    class_names: Sequence[str] = CLASS_NAMES,
-    participants: str | os.PathLike | None = None,
-    label_column: str | None = None,
-) -> pd.DataFrame:
-    """One manifest row per PET series, with the series' body-weight SUV factor computed once from its headers.
-
-    Args:
-        dataset_dir: data set root (holds the participants table and the series folders).
-        class_names: the bundle's classes; labels in the table are class names or their indices.
-        participants: table path (absolute or relative to ``dataset_dir``); default ``participants.csv`` or
-            ``participants.tsv`` in ``dataset_dir``.
-        label_column: column with the class; default ``diagnosis`` when present, else ``label``.
-
-    Returns:
-        The manifest (project format, :mod:`pipelines.manifests.schema`): ``subject_id``, ``session_id``,
-        ``image`` (absolute series folder), ``label`` (class name), ``split`` (empty), plus ``suv_factor``
-        (g/Bq for BQML: ``SUV = rescaled pixel * suv_factor``), ``suv_units``, ``suv_method``,
-        ``decay_correction``, ``weight_kg``, ``injected_dose_bq``, ``decay_time_s``, ``n_instances``.
-
-    Raises:
-        ManifestError: missing folder/table/columns, unknown labels, a series folder that is missing, holds no
-            DICOM or more than one series, or whose SUV factor cannot be computed (the message names the folder
-            and every missing/invalid tag). Every row is checked; one error lists all unusable series.
-    """
-    root = Path(dataset_dir)
-    if not root.is_dir():
-        raise ManifestError(f"dataset_dir not found or not a folder: {root}")
-    table, table_path = _participants(root, participants)
-    label_column = label_column or ("diagnosis" if "diagnosis" in table.columns else "label")
-    missing = [c for c in ("subject_id", label_column) if c not in table.columns]
-    if missing:
-        raise ManifestError(f"participants table {table_path} lacks column(s) {missing}; has {list(table.columns)}")
-    if len(table) == 0:
-        raise ManifestError(f"participants table {table_path} has no rows")
-    rows = []
-    problems: list[str] = []
-    for i, rec in enumerate(table.to_dict("records")):
-        where = f"{table_path} row {i + 2}"
-        try:
-            rows.append(_pet_row(root, rec, where, label_column, class_names))
-        except ManifestError as e:
-            problems.append(str(e))
-    if problems:
-        listed = "; ".join(problems[:_MAX_PROBLEMS])
-        more = f"; and {len(problems) - _MAX_PROBLEMS} more" if len(problems) > _MAX_PROBLEMS else ""
-        raise ManifestError(f"{len(problems)} of {len(table)} series cannot be used: {listed}{more}")
-    df = pd.DataFrame(rows)
-    df.attrs["source"] = str(table_path)
-    return validate_manifest(df, class_names=class_names, check_files=True)
-
-
-def _pet_row(root: Path, rec: dict, where: str, label_column: str, class_names: Sequence[str]) -> dict:
-    """The manifest row of one participants-table record (ManifestError naming ``where`` when unusable)."""
-    subject = str(rec["subject_id"]).strip()
-    session = str(rec.get("session_id") or "ses-01").strip()
-    series_dir = rec.get("series_dir")
-    folder = root / (series_dir if isinstance(series_dir, str) and series_dir else f"{subject}/{session}/pet")
-    if not folder.is_dir():
-        raise ManifestError(f"{where}: series folder not found: {folder}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            groups = find_series(folder)
-    except DicomSeriesError as e:
-        raise ManifestError(f"{where}: {e}") from e
-    if len(groups) != 1:
-        raise ManifestError(
-            f"{where}: {folder} holds {len(groups)} DICOM series; put one series in each folder"
-        )
-    files = next(iter(groups.values()))
-    try:
-        suv = series_suv_factor(files)
-    except SUVError as e:
-        raise ManifestError(f"{where}: {e}") from e
-    return {
-        "subject_id": subject,
-        "session_id": session,
-        "image": str(folder.resolve()),
-        "label": _class_name(rec[label_column], class_names, where),
-        "split": "",
-        "suv_factor": suv.factor,
-        "suv_units": suv.units,
-        "suv_method": suv.method,
-        "decay_correction": suv.decay_correction,
-        "weight_kg": suv.weight_kg,
-        "injected_dose_bq": suv.injected_dose_bq,
-        "decay_time_s": suv.decay_time_s,
-        "n_instances": len(files),
-    }
 
 
 # ---------------------------------------------------------------------------------------------------- splits

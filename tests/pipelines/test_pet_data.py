@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from pipelines.io.suv import series_suv_factor
+from pipelines.manifests.builders import build_pet_manifest
 from pipelines.manifests.schema import ManifestError
 from pipelines.phantoms.amyloid_pet import F18_HALF_LIFE_S, make_amyloid_dataset
-from pipelines.training.pet_data import CLASS_NAMES, build_pet_manifest, kfold_split, prepare_pet_data
+from pipelines.training.pet_data import CLASS_NAMES, kfold_split, prepare_pet_data
 
 BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "amyloid_pet" / "configs"
 
