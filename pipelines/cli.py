@@ -11,6 +11,8 @@ import importlib
 import logging
 import sys
 
+from pipelines.bundles import parse_overrides  # noqa: F401 - kept here for callers of pipelines.cli.parse_overrides
+
 COMMANDS = {
     "demo": "pipelines.demo",
     "manifest": "pipelines.manifests.cli",
@@ -51,35 +53,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(one_line(err), file=sys.stderr)
         return EXIT_INPUT_ERROR
-
-
-def parse_overrides(items, literal: bool = True) -> dict:
-    """``["epochs=3", "image_size=64"]`` -> ``{"epochs": 3, "image_size": 64}`` for ``--override`` options.
-
-    Args:
-        items: ``config_id=value`` strings (a leading ``--`` on the id is dropped).
-        literal: parse values as Python literals where possible (else keep the text, e.g. to pass it on to
-            ``python -m monai.bundle`` unchanged).
-
-    Raises:
-        ValueError: an item without ``=`` or with an empty id.
-    """
-    import ast
-
-    out: dict = {}
-    for item in items or ():
-        key, sep, value = str(item).partition("=")
-        key = key.strip().lstrip("-")
-        if not sep or not key:
-            raise ValueError(f"override {item!r} must look like config_id=value")
-        if literal:
-            try:
-                out[key] = ast.literal_eval(value)
-                continue
-            except (ValueError, SyntaxError):
-                pass
-        out[key] = value
-    return out
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, TypeVar
 
+from pipelines.bundles import bundle_dir  # noqa: F401 - the bundles' configs call pipelines.tracking.bundle_dir
+
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -33,11 +35,6 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 
 
-def bundle_dir(name: str) -> str:
-    """Absolute path of ``bundles/<name>`` in this repository (the default ``bundle_root``)."""
-    return str(REPO_ROOT / "bundles" / name)
-
-
 def default_tracking_uri() -> str:
     """``$MLFLOW_TRACKING_URI`` if set, else the repository store ``sqlite:///<repo>/mlruns/mlflow.db``."""
     env = os.environ.get("MLFLOW_TRACKING_URI")
@@ -45,6 +42,13 @@ def default_tracking_uri() -> str:
         return env
     (REPO_ROOT / "mlruns").mkdir(exist_ok=True)
     return f"sqlite:///{REPO_ROOT / 'mlruns' / 'mlflow.db'}"
+
+
+def mlflow_client(tracking_uri: str | None = None):
+    """An ``MlflowClient`` of ``tracking_uri``, else of :func:`default_tracking_uri`."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri or default_tracking_uri())
 
 
 @contextlib.contextmanager
@@ -178,7 +182,7 @@ def config_id(key: str, default: Any = None, argv: list[str] | None = None) -> A
 
 
 def _executed_parser(argv: list[str] | None = None):
-    from monai.bundle import ConfigParser
+    from pipelines.bundles import read_config
 
     argv = list(sys.argv if argv is None else argv)
     if "run" not in argv and not any(a.endswith("monai/bundle/__main__.py") for a in argv):
@@ -205,10 +209,7 @@ def _executed_parser(argv: list[str] | None = None):
         return None
     for k in ("meta_file", "logging_file", "tracking", "args_file", "run_id", "init_id", "final_id"):
         args.pop(k, None)
-    parser = ConfigParser()
-    parser.read_config(files)
-    parser.update(args)
-    return parser
+    return read_config(files, args)
 
 
 def save_executed_config(path: str | os.PathLike, argv: list[str] | None = None) -> str | None:

@@ -174,7 +174,7 @@ class BundleMLFlowHandler(MLFlowHandler):
     def _bundle_root(self) -> Path | None:
         if self.bundle_root:
             return Path(self.bundle_root)
-        from pipelines.tracking import bundle_dir
+        from pipelines.bundles import bundle_dir
 
         bundle = self._tracked()[0].get("bundle")
         root = Path(bundle_dir(str(bundle))) if bundle else None
