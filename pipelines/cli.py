@@ -16,7 +16,7 @@ from pipelines.bundles import parse_overrides  # noqa: F401 - kept here for call
 COMMANDS = {
     "demo": "pipelines.demo",
     "manifest": "pipelines.manifests.cli",
-    "compare": "pipelines.evaluation.compare",
+    "compare": "pipelines.experiments.compare_networks",
     "restore-augment": "pipelines.restoration.augment",
     "enhance-sweep": "pipelines.enhancement_sweep",
     "benchmark-quality": "pipelines.experiments.quality",

@@ -1,20 +1,13 @@
 """``python -m pipelines compare``: a side-by-side table of MLflow runs, made from the store, never by hand.
 
-Two modes:
+Compares runs already in the store, selected by experiment and tags or by run ids::
 
-* **compare** runs already in the store, selected by experiment and tags or by run ids::
+    python -m pipelines compare --experiment tumor_mri [--tag k=v ...] [--run-ids ID ...] [--out DIR]
 
-      python -m pipelines compare --experiment tumor_mri [--tag k=v ...] [--run-ids ID ...] [--out DIR]
-
-  By default only FINISHED runs tagged ``stage=evaluation`` (the runs of
-  :class:`pipelines.evaluation.handler.EvaluationReportHandler`) are compared; ``--stage any`` drops that filter.
-* **train, evaluate, then compare** every network overlay of a bundle::
-
-      python -m pipelines compare --train-bundle tumor_mri [--networks resnet18 vit] [--override epochs=30 ...]
-
-  runs ``python -m monai.bundle run`` with ``train.json + <network>.json`` and then with ``evaluate.json``
-  added, for each overlay in turn (one subprocess at a time), links each evaluation run to its training run
-  (tag ``train_run_id``), tags both with one ``comparison_group``, and compares the evaluation runs.
+By default only FINISHED runs tagged ``stage=evaluation`` (the runs of
+:class:`pipelines.evaluation.handler.EvaluationReportHandler`) are compared; ``--stage any`` drops that filter.
+Training, evaluating and then comparing every network overlay of a bundle (``--train-bundle``), and the command
+line itself, are in :mod:`pipelines.experiments.compare_networks`.
 
 The table has one row per run: the model (the ``network`` param or tag, of the run or its linked training run),
 every param whose value differs between the runs, each metric with its CI (the evaluation runs log
@@ -25,24 +18,20 @@ tagged ``stage=comparison`` in the experiment of the compared runs.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
-import shlex
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from pipelines.bundles import bundle_commands  # noqa: F401 - older import path (experiments.quality)
 from pipelines.evaluation.metrics import SUMMARY_METRICS
 from pipelines.evaluation.report import atomic_write_csv, atomic_write_text
-from pipelines.tracking import keeps_tracking_store
-from pipelines.tracking.progress import add_quiet_argument, progress_bar
+from pipelines.tracking import mlflow_client
 
 __all__ = [
     "DEFAULT_METRICS",
@@ -54,9 +43,7 @@ __all__ = [
     "comparison_table",
     "comparison_markdown",
     "compare_runs",
-    "bundle_commands",
-    "train_and_compare",
-    "register",
+    "run_by_name",
 ]
 
 logger = logging.getLogger(__name__)
@@ -72,8 +59,6 @@ METRIC_LABELS = {
     "weighted_f1": "weighted F1",
     "macro_auc": "macro AUC",
 }
-#: Network name meaning "train.json's own network, no overlay" (``--networks base vit``).
-BASE_NETWORK = "base"
 #: Params never shown as "differing": the model has its own column.
 MODEL_PARAM = "network"
 _CI_LOW, _CI_HIGH = "_ci_low", "_ci_high"
@@ -94,7 +79,8 @@ class Comparison:
         metrics: metric names in the table.
         paths: ``{"csv": Path, "markdown": Path}`` of the written files.
         run_id: id of the MLflow run that holds them (None when not logged).
-        failed: networks left out because training or evaluation failed (``--train-bundle`` only).
+        failed: networks left out because training or evaluation failed
+            (:func:`pipelines.experiments.compare_networks.train_and_compare` only).
     """
 
     table: pd.DataFrame
@@ -131,14 +117,6 @@ def _quote(value: str) -> str:
     raise ValueError(f"tag value {value!r} holds both quote characters; MLflow filters cannot express it")
 
 
-def _client(tracking_uri: str | None):
-    from mlflow.tracking import MlflowClient
-
-    from pipelines.tracking import default_tracking_uri
-
-    return MlflowClient(tracking_uri=tracking_uri or default_tracking_uri())
-
-
 def _search_all(client: Any, experiment_ids: list[str], filter_string: str) -> list[Any]:
     runs, token = [], None
     while True:
@@ -148,6 +126,15 @@ def _search_all(client: Any, experiment_ids: list[str], filter_string: str) -> l
         token = page.token
         if not token:
             return runs
+
+
+def run_by_name(client: Any, experiment: str, run_name: str) -> Any | None:
+    """The newest run named ``run_name`` in ``experiment`` (None when the experiment or the run does not exist)."""
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = _search_all(client, [exp.experiment_id], f"attributes.run_name = {_quote(run_name)}")
+    return runs[-1] if runs else None
 
 
 def select_runs(
@@ -456,7 +443,7 @@ def compare_runs(
     """
     from pipelines.tracking import REPO_ROOT
 
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     runs = select_runs(client, experiment, tags, run_ids, stage)
     table, names, differing = comparison_table(client, runs, metrics, ignore_params)
     if sort_by:
@@ -498,219 +485,3 @@ def _log_comparison(client: Any, experiment_id: str, runs: Sequence[Any], paths:
         raise
     client.set_terminated(rid, status="FINISHED")
     return rid
-
-
-# ------------------------------------------------------------------------------------------------ train + compare
-
-
-def _bundle_root(bundle: str) -> Path:
-    from pipelines.tracking import bundle_dir
-
-    path = Path(bundle)
-    root = path if (path / "configs").is_dir() else Path(bundle_dir(bundle))
-    if not (root / "configs" / "train.json").is_file():
-        raise FileNotFoundError(f"bundle {bundle!r}: no configs/train.json under {root}")
-    return root.resolve()
-
-
-def _override_args(overrides: Mapping[str, str]) -> list[str]:
-    args: list[str] = []
-    for key, value in overrides.items():
-        args += [f"--{key}", str(value)]
-    return args
-
-
-def bundle_commands(
-    bundle_root: str | Path,
-    network: str,
-    group: str,
-    experiment: str,
-    overrides: Mapping[str, str] | None = None,
-    python: str = sys.executable,
-) -> dict[str, Any]:
-    """The train and evaluate commands of one network overlay, and their MLflow run names.
-
-    Args:
-        bundle_root: bundle folder (holding ``configs/``).
-        network: overlay name: ``configs/<network>.json``; ``"base"`` (without a ``base.json``) is the network
-            of ``train.json`` itself, with no overlay.
-        group: comparison-group id, part of the run names.
-        experiment: MLflow experiment (passed as ``experiment_name``).
-        overrides: further ``config id -> value`` overrides for both commands.
-        python: interpreter.
-
-    Raises:
-        FileNotFoundError: the overlay (or evaluate.json) does not exist.
-    """
-    root = Path(bundle_root)
-    cfg = root / "configs"
-    overlay = cfg / f"{network}.json"
-    base = network == BASE_NETWORK and not overlay.is_file()  # train.json's own network, no overlay
-    for path in ([] if base else [overlay]) + [cfg / "evaluate.json"]:
-        if not path.is_file():
-            available = sorted(p.stem for p in cfg.glob("*.json")
-                               if p.stem not in ("train", "evaluate", "inference", "metadata"))
-            raise FileNotFoundError(f"{path} not found (network overlays in {cfg}: {available}; "
-                                    f"'{BASE_NETWORK}' is train.json's own network)")
-    name = root.name
-    train_name, eval_name = f"{name}-{network}-train-{group}", f"{name}-{network}-evaluate-{group}"
-    files = [str(cfg / "train.json")] + ([] if base else [str(overlay)])
-    common = ["--meta_file", str(cfg / "metadata.json"), "--logging_file", str(cfg / "logging.conf"),
-              "--experiment_name", experiment]
-    extra = _override_args(overrides or {})
-    train = [python, "-m", "monai.bundle", "run", "--config_file", repr(files), *common, "--run_name", train_name,
-             *extra]
-    evaluate = [python, "-m", "monai.bundle", "run", "--config_file", repr(files + [str(cfg / "evaluate.json")]),
-                *common, "--eval_run_name", eval_name, *extra]
-    return {"train": train, "evaluate": evaluate, "train_run_name": train_name, "eval_run_name": eval_name}
-
-
-def _run_subprocess(cmd: list[str]) -> int:
-    print("\n$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
-    return subprocess.run(cmd, check=False).returncode
-
-
-def _run_by_name(client: Any, experiment: str, run_name: str) -> Any | None:
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return None
-    runs = _search_all(client, [exp.experiment_id], f"attributes.run_name = {_quote(run_name)}")
-    return runs[-1] if runs else None
-
-
-@keeps_tracking_store
-def train_and_compare(
-    bundle: str,
-    networks: Sequence[str] | None = None,
-    overrides: Mapping[str, str] | None = None,
-    tracking_uri: str | None = None,
-    experiment: str | None = None,
-    out_dir: str | Path | None = None,
-    metrics: Sequence[str] | str | None = None,
-    sort_by: str | None = None,
-    runner: Callable[[list[str]], int] = _run_subprocess,
-) -> Comparison:
-    """Train and evaluate each network overlay of a bundle, one after another, then compare the evaluations.
-
-    Args:
-        bundle: bundle name under ``bundles/`` or a bundle folder.
-        networks: overlay names (default: the bundle's ``compare_networks`` in ``configs/metadata.json``).
-        overrides: config-id overrides for every command (``{"epochs": "2"}``).
-        tracking_uri: MLflow store; exported as ``MLFLOW_TRACKING_URI`` to the subprocesses.
-        experiment: MLflow experiment (default: the bundle name).
-        out_dir, metrics, sort_by: see :func:`compare_runs`.
-        runner: executes one command and returns its exit code (for tests).
-
-    Returns:
-        The :class:`Comparison` of the evaluation runs that succeeded.
-
-    Raises:
-        ComparisonError: no network trained and evaluated successfully.
-    """
-    import json
-    import os
-
-    root = _bundle_root(bundle)
-    if not networks:
-        meta = json.loads((root / "configs" / "metadata.json").read_text())
-        networks = meta.get("compare_networks") or []
-        if not networks:
-            raise ComparisonError(f"{root}: pass --networks (metadata.json lists no compare_networks)")
-    experiment = experiment or root.name
-    if tracking_uri:
-        os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
-    client = _client(tracking_uri)
-    group = time.strftime("%Y%m%d-%H%M%S")
-    plans = [bundle_commands(root, n, group, experiment, overrides) for n in networks]  # fail before training
-    eval_ids, failed = [], []
-    for network, plan in progress_bar(list(zip(networks, plans)), desc=f"compare {root.name}", unit="network"):
-        t0 = time.time()
-        code = runner(plan["train"])
-        if code == 0:
-            code = runner(plan["evaluate"])
-        train_run = _run_by_name(client, experiment, plan["train_run_name"])
-        eval_run = _run_by_name(client, experiment, plan["eval_run_name"])
-        if code != 0 or eval_run is None:
-            logger.error("%s: failed (exit %s) after %.0f s; left out of the comparison", network, code,
-                         time.time() - t0)
-            for run in (train_run, eval_run):
-                if run is not None and run.info.status == "RUNNING":  # a killed process leaves its run open
-                    client.set_terminated(run.info.run_id, status="FAILED")
-            failed.append(network)
-            continue
-        client.set_tag(eval_run.info.run_id, "comparison_group", group)
-        if train_run is not None:
-            client.set_tag(eval_run.info.run_id, "train_run_id", train_run.info.run_id)
-            client.set_tag(train_run.info.run_id, "comparison_group", group)
-        eval_ids.append(eval_run.info.run_id)
-        logger.info("%s: trained and evaluated in %.0f s", network, time.time() - t0)
-    if not eval_ids:
-        raise ComparisonError(f"no network of {root.name} was trained and evaluated: failed {failed}")
-    result = compare_runs(tracking_uri, experiment, tags={"comparison_group": group}, run_ids=eval_ids,
-                          metrics=metrics, out_dir=out_dir, sort_by=sort_by,
-                          title=f"{root.name}: {', '.join(n for n in networks if n not in failed)}")
-    if failed:
-        result.failed = failed
-        result.markdown += f"\nFailed (not in the table): {', '.join(failed)}\n"
-    return result
-
-
-# ------------------------------------------------------------------------------------------------ CLI
-
-
-def _parse_overrides(items):
-    from pipelines.cli import parse_overrides
-
-    return parse_overrides(items, literal=False)
-
-
-def _main(args: argparse.Namespace) -> int:
-    metrics = args.metrics
-    if metrics and len(metrics) == 1 and metrics[0] == "all":
-        metrics = "all"
-    try:
-        if args.train_bundle:
-            result = train_and_compare(args.train_bundle, args.networks, _parse_overrides(args.override),
-                                       args.tracking_uri, args.experiment, args.out, metrics, args.sort_by)
-        else:
-            if args.networks or args.override:
-                raise ComparisonError("--networks and --override only apply with --train-bundle")
-            result = compare_runs(args.tracking_uri, args.experiment, parse_tags(args.tag), args.run_ids,
-                                  args.stage, metrics, args.out, not args.no_log, sort_by=args.sort_by)
-    except (ComparisonError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(result.markdown)
-    print(f"written: {result.paths['markdown']} and {result.paths['csv']}"
-          + (f"; MLflow run {result.run_id} (stage=comparison)" if result.run_id else ""))
-    return 1 if result.failed else 0
-
-
-def register(subparsers: Any) -> None:
-    """Add the ``compare`` command to ``python -m pipelines``."""
-    p = subparsers.add_parser(
-        "compare",
-        help="side-by-side table of MLflow runs (metrics with CIs), or train+evaluate+compare a bundle's networks",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--experiment", help="MLflow experiment name (default with --train-bundle: the bundle name)")
-    p.add_argument("--tag", action="append", metavar="KEY=VALUE", help="tag filter (repeatable; all must match)")
-    p.add_argument("--run-ids", nargs="+", metavar="ID", help="compare these runs")
-    p.add_argument("--stage", default="evaluation",
-                   help="required value of the runs' stage tag; 'any' to drop the filter (default: evaluation)")
-    p.add_argument("--metrics", nargs="+", metavar="NAME",
-                   help=f"metrics to show, or 'all' (default: those of {', '.join(DEFAULT_METRICS)} that are logged)")
-    p.add_argument("--sort-by", metavar="METRIC", help="sort rows by this metric, best first")
-    p.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or <repo>/mlruns/mlflow.db)")
-    p.add_argument("--out", type=Path, help="output folder (default: outputs/comparisons/<experiment>-<time>)")
-    p.add_argument("--no-log", action="store_true", help="do not log the comparison to MLflow")
-    p.add_argument("--train-bundle", metavar="BUNDLE",
-                   help="first train and evaluate each network overlay of this bundle, then compare")
-    p.add_argument("--networks", nargs="+", metavar="OVERLAY",
-                   help="network overlays (configs/<name>.json) for --train-bundle (default: all of the bundle); "
-                        "'base' is train.json's own network")
-    p.add_argument("--override", action="append", metavar="ID=VALUE",
-                   help="config-id override for every bundle command, e.g. epochs=30 (repeatable)")
-    add_quiet_argument(p)
-    p.set_defaults(func=_main)

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipelines.bundles import parse_overrides
 from pipelines.manifests.schema import ManifestError
 from pipelines.tracking import keeps_tracking_store
 from pipelines.tracking.progress import add_quiet_argument, progress_bar
@@ -393,8 +394,7 @@ def load_classifier(
     without a config: grey loading, 0.5/99.5 percentile scaling and a bilinear resize to ``image_size``,
     with ``class_names`` required.
     """
-    from monai.bundle import ConfigParser
-
+    from pipelines.bundles import read_config
     from pipelines.restoration.denoise import load_network
 
     path = Path(path)
@@ -403,10 +403,7 @@ def load_classifier(
         raise FileNotFoundError(f"classifier config not found: {cfg}")
     transform = None
     if cfg.is_file():
-        parser = ConfigParser()
-        parser.read_config(str(cfg))
-        for k, v in (overrides or {}).items():
-            parser[k] = v
+        parser = read_config(cfg, overrides)
         if "preprocessing" in parser and image_size is None:
             transform = parser.get_parsed_content("preprocessing", instantiate=True)
         if class_names is None and "class_names" in parser:
@@ -538,8 +535,10 @@ def compare_augmentation(
     Returns:
         The :class:`pipelines.evaluation.compare.Comparison`.
     """
-    from pipelines.evaluation import compare as cmp
+    from pipelines.bundles import bundle_commands, bundle_root, run_subprocess
+    from pipelines.evaluation.compare import compare_runs, run_by_name
     from pipelines.manifests.schema import read_manifest
+    from pipelines.tracking import mlflow_client
 
     orig, augm = read_manifest(original_manifest), read_manifest(augmented_manifest)
     check_augmented_manifest(resolve_for_check(augm))
@@ -551,14 +550,14 @@ def compare_augmentation(
     if held_out(orig) != held_out(augm):
         raise ValueError(f"{original_manifest} and {augmented_manifest} differ in their val/test rows; "
                          "the comparison needs the same held-out images")
-    root = cmp._bundle_root(bundle)
+    root = bundle_root(bundle)
     experiment = root.name
     if tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
     out = Path(out_dir) if out_dir else root / "outputs" / "augmentation_comparison"
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    run = runner or cmp._run_subprocess
-    client = cmp._client(tracking_uri)
+    run = runner or run_subprocess
+    client = mlflow_client(tracking_uri)
     eval_ids = []
     epochs_aug = None
     if equal_steps:
@@ -575,22 +574,22 @@ def compare_augmentation(
               "eval_dir": str((out / variant / "eval").resolve())}
         if variant == "augmented" and epochs_aug is not None:
             ov["epochs"] = str(epochs_aug)
-        plan = cmp.bundle_commands(root, network, f"{variant}-{stamp}", experiment, ov)
+        plan = bundle_commands(root, network, f"{variant}-{stamp}", experiment, ov)
         code = run(plan["train"]) or run(plan["evaluate"])
         if code != 0:
             raise RuntimeError(f"{variant}: training or evaluation of {root.name}/{network} failed (exit {code})")
-        eval_run = cmp._run_by_name(client, experiment, plan["eval_run_name"])
+        eval_run = run_by_name(client, experiment, plan["eval_run_name"])
         if eval_run is None:
             raise RuntimeError(f"{variant}: no MLflow run {plan['eval_run_name']!r} in experiment {experiment}")
         rid = eval_run.info.run_id
         # a param differing between the runs becomes a column of the comparison table
         client.log_param(rid, "training_set", variant)
         client.set_tag(rid, "augmentation", "restoration" if variant == "augmented" else "none")
-        train_run = cmp._run_by_name(client, experiment, plan["train_run_name"])
+        train_run = run_by_name(client, experiment, plan["train_run_name"])
         if train_run is not None:
             client.set_tag(rid, "train_run_id", train_run.info.run_id)
         eval_ids.append(rid)
-    return cmp.compare_runs(tracking_uri, experiment, run_ids=eval_ids, out_dir=out,
+    return compare_runs(tracking_uri, experiment, run_ids=eval_ids, out_dir=out,
                             metrics=["macro_auc", "accuracy", "balanced_accuracy", "macro_f1"],
                             title=f"{root.name}/{network}: original vs restoration-augmented training set")
 
@@ -610,12 +609,6 @@ def resolve_for_check(df: pd.DataFrame) -> pd.DataFrame:
 # ------------------------------------------------------------------------------------------------ CLI
 
 
-def _parse_overrides(items):
-    from pipelines.cli import parse_overrides
-
-    return parse_overrides(items, literal=True)
-
-
 def _main(args: argparse.Namespace) -> int:
     try:
         if args.compare_bundle:
@@ -623,7 +616,7 @@ def _main(args: argparse.Namespace) -> int:
                 raise ValueError("--compare-bundle needs --augmented-manifest (the generator's manifest.csv)")
             result = compare_augmentation(
                 args.compare_bundle, args.manifest, args.augmented_manifest, args.network,
-                {k: str(v) for k, v in _parse_overrides(args.override).items()}, args.tracking_uri, args.out,
+                {k: str(v) for k, v in parse_overrides(args.override).items()}, args.tracking_uri, args.out,
                 equal_steps=args.equal_steps,
             )
             print(result.markdown)
@@ -634,7 +627,7 @@ def _main(args: argparse.Namespace) -> int:
                 raise ValueError("--denoiser is required (bundles/mri_denoiser/models/model.pt or a TorchScript file)")
             res = restore_augment(
                 args.manifest, args.denoiser, args.out, args.target_class, args.ratio, args.sigmas, args.seed,
-                args.image_size, args.denoiser_config, _parse_overrides(args.denoiser_override), args.max_new,
+                args.image_size, args.denoiser_config, parse_overrides(args.denoiser_override), args.max_new,
                 args.overwrite, args.device,
             )
             print(f"train counts {res.counts_before} -> {res.counts_after}: {res.n_new} new image(s); "
@@ -642,7 +635,7 @@ def _main(args: argparse.Namespace) -> int:
             manifest = res.paths["manifest"]
         if args.validate_with:
             v = score_augmented(manifest, args.validate_with, args.classifier_config,
-                                _parse_overrides(args.classifier_override), args.classifier_classes,
+                                parse_overrides(args.classifier_override), args.classifier_classes,
                                 args.classifier_image_size, seed=args.seed, device=args.device, out_dir=args.out)
             a, s = v["augmented"], v["sources"]
             print(f"validity: classifier accuracy on {a['n']} augmented {v['class']} images "

@@ -17,7 +17,9 @@ mlflow = pytest.importorskip("mlflow")
 from mlflow.entities import Metric, Param  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+from pipelines.bundles import bundle_commands  # noqa: E402
 from pipelines.evaluation import compare as cmp  # noqa: E402
+from pipelines.experiments.compare_networks import train_and_compare  # noqa: E402
 
 T0 = 1_700_000_000_000  # ms
 _STARTS = itertools.count(T0, 1000)  # runs start 1 s apart, in creation order
@@ -224,7 +226,7 @@ def _fake_bundle(root: Path, networks: list[str]) -> Path:
 
 def test_bundle_commands_stack_overlay_and_evaluate(tmp_path):
     root = _fake_bundle(tmp_path, ["resnet18"])
-    plan = cmp.bundle_commands(root, "resnet18", "G", "exp", {"epochs": "2"}, python="py")
+    plan = bundle_commands(root, "resnet18", "G", "exp", {"epochs": "2"}, python="py")
     cfg = root / "configs"
     assert plan["train"][:5] == ["py", "-m", "monai.bundle", "run", "--config_file"]
     assert plan["train"][5] == repr([str(cfg / "train.json"), str(cfg / "resnet18.json")])
@@ -237,7 +239,7 @@ def test_bundle_commands_stack_overlay_and_evaluate(tmp_path):
 def test_bundle_commands_name_available_overlays_when_missing(tmp_path):
     root = _fake_bundle(tmp_path, ["resnet18", "vit"])
     with pytest.raises(FileNotFoundError, match=r"\['resnet18', 'vit'\]"):
-        cmp.bundle_commands(root, "densenet121", "G", "exp")
+        bundle_commands(root, "densenet121", "G", "exp")
 
 
 def test_train_and_compare_links_runs_and_skips_failures(store, tmp_path, monkeypatch):
@@ -261,7 +263,7 @@ def test_train_and_compare_links_runs_and_skips_failures(store, tmp_path, monkey
             _eval_run(client, exp_id, args["--eval_run_name"], {"macro_auc": (auc, auc - 0.05, auc + 0.05)}, 20)
         return 0
 
-    result = cmp.train_and_compare(str(root), overrides={"learning_rate": "0.001"}, out_dir=tmp_path / "out",
+    result = train_and_compare(str(root), overrides={"learning_rate": "0.001"}, out_dir=tmp_path / "out",
                                    runner=runner)
     assert result.failed == ["broken"]
     assert result.table["model"].tolist() == ["net_a", "net_b"]
@@ -280,7 +282,7 @@ def test_train_and_compare_links_runs_and_skips_failures(store, tmp_path, monkey
 def test_bundle_commands_base_is_train_json_alone(tmp_path):
     root = _fake_bundle(tmp_path, ["vit"])
     cfg = root / "configs"
-    plan = cmp.bundle_commands(root, "base", "G", "exp", python="py")
+    plan = bundle_commands(root, "base", "G", "exp", python="py")
     assert plan["train"][5] == repr([str(cfg / "train.json")])
     assert plan["evaluate"][5] == repr([str(cfg / "train.json"), str(cfg / "evaluate.json")])
     assert plan["train_run_name"] == "fake_bundle-base-train-G"
