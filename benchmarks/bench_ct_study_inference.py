@@ -36,8 +36,7 @@ import torch.nn.functional as F
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from monai.bundle import ConfigParser  # noqa: E402
-
+from pipelines.bundles import read_config  # noqa: E402
 from pipelines.io.dicom import load_series  # noqa: E402
 from pipelines.phantoms.head_ct import make_head_ct_volume, write_dicom_series  # noqa: E402
 from transforms.ct import CT_WINDOW_PRESETS  # noqa: E402
@@ -90,10 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
-    cfg = ConfigParser()
-    cfg.read_config(str(CONFIG))
-    cfg.update({"ckpt_path": None, "gradcam": args.gradcam, "image_size": args.image_size,
-                "network_name": args.network, "batch_size": args.batch_size, "device": "$torch.device('cpu')"})
+    cfg = read_config(CONFIG, {"ckpt_path": None, "gradcam": args.gradcam, "image_size": args.image_size,
+                               "network_name": args.network, "batch_size": args.batch_size,
+                               "device": "$torch.device('cpu')"})
     if args.gradcam:
         cfg["threshold"] = 1e-6  # random weights: make the study positive so its overlay is always drawn
     predictor = cfg.get_parsed_content("predictor")

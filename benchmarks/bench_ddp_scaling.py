@@ -31,6 +31,10 @@ from pathlib import Path
 import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipelines.bundles import bundle_command  # noqa: E402
+
 EPOCH_LINE = re.compile(r"Epoch\[(\d+)\] Complete\. Time taken: (\d+):(\d+):([\d.]+)")
 
 
@@ -56,12 +60,12 @@ def run(args: argparse.Namespace, nproc: int, root: Path) -> tuple[float, dict[i
     out = root / f"p{nproc}"
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
                 if nproc > 1 else [sys.executable])
-    data = (["--dataset_dir", f"$pipelines.phantoms.alzheimer.default_dataset('{args.dataset}')"]
-            if args.bundle.startswith("alz") else [])
-    cmd = [*launcher, "-m", "monai.bundle", "run", "--config_file", str(configs), *data,
-           "--image_size", str(args.image_size), "--network_width", str(args.network_width),
-           "--batch_size", str(args.batch_size), "--epochs", str(args.epochs), "--val_interval", str(args.epochs + 1),
-           "--num_workers", "0", "--output_dir", str(out), "--ckpt_dir", str(out / "models")]
+    data = ({"dataset_dir": f"$pipelines.phantoms.alzheimer.default_dataset('{args.dataset}')"}
+            if args.bundle.startswith("alz") else {})
+    cmd = bundle_command(configs, {**data, "image_size": args.image_size, "network_width": args.network_width,
+                                   "batch_size": args.batch_size, "epochs": args.epochs,
+                                   "val_interval": args.epochs + 1, "num_workers": 0, "output_dir": out,
+                                   "ckpt_dir": out / "models"}, python=launcher)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONWARNINGS": "ignore",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
            "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}

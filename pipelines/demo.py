@@ -10,23 +10,20 @@ the demo prints each one before running it.
 from __future__ import annotations
 
 import json
-import shlex
-import subprocess
-import sys
 import time
 from pathlib import Path
 
+from pipelines.bundles import bundle_command, run_subprocess
 from pipelines.tracking import REPO_ROOT, default_tracking_uri
 
 BUNDLE = "bundles/alz_hybrid"
 
 
 def _run(cmd: list[str]) -> float:
-    print("\n$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
     t0 = time.time()
-    proc = subprocess.run(cmd, cwd=REPO_ROOT)
-    if proc.returncode != 0:
-        raise SystemExit(f"demo step failed (exit {proc.returncode}): {' '.join(cmd)}")
+    code = run_subprocess(cmd, cwd=REPO_ROOT)
+    if code != 0:
+        raise SystemExit(f"demo step failed (exit {code}): {' '.join(cmd)}")
     return time.time() - t0
 
 
@@ -37,32 +34,31 @@ def run_demo(epochs: int = 20, image_size: int = 128, n_bootstrap: int = 1000) -
     t0 = time.time()
     data = default_dataset()
     gen_s = time.time() - t0
-    py = sys.executable
     cfg = f"{BUNDLE}/configs"
-    common = ["--epochs", str(epochs), "--image_size", str(image_size)]
+    common = {"epochs": epochs, "image_size": image_size}
     times = {"phantom_generation_s": round(gen_s, 1)}
-    times["train_s"] = _run([py, "-m", "monai.bundle", "run", "--config_file", f"{cfg}/train.json", *common])
+    times["train_s"] = _run(bundle_command(f"{cfg}/train.json", common))
     times["evaluate_s"] = _run(
-        [py, "-m", "monai.bundle", "run", "--config_file", f"['{cfg}/train.json','{cfg}/evaluate.json']",
-         *common, "--n_bootstrap", str(n_bootstrap)]
+        bundle_command([f"{cfg}/train.json", f"{cfg}/evaluate.json"], {**common, "n_bootstrap": n_bootstrap})
     )
     volume = example_volume()
-    times["predict_volume_s"] = _run(
-        [py, "-m", "monai.bundle", "run", "--config_file", f"{cfg}/inference.json", "--image_size", str(image_size),
-         "--input_path", volume, "--output_dir", f"{BUNDLE}/outputs/inference_volume"]
-    )
-    times["predict_slices_s"] = _run(
-        [py, "-m", "monai.bundle", "run", "--config_file", f"{cfg}/inference.json", "--image_size", str(image_size),
-         "--input_path", str(Path(data) / "slices" / "test"), "--output_dir", f"{BUNDLE}/outputs/inference_slices"]
-    )
-    times["export_s"] = _run(
-        [py, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", f"{BUNDLE}/models/model.ts",
-         "--ckpt_file", f"{BUNDLE}/models/model.pt", "--meta_file", f"{cfg}/metadata.json",
-         "--config_file", f"{cfg}/inference.json", "--image_size", str(image_size),
-         "--use_trace", "True", "--input_shape", f"[1, 1, {image_size}, {image_size}]"]
-    )
-    _run([py, "-m", "monai.bundle", "verify_net_in_out", "network_def", "--meta_file", f"{cfg}/metadata.json",
-          "--config_file", f"{cfg}/inference.json", "--image_size", str(image_size)])
+    times["predict_volume_s"] = _run(bundle_command(
+        f"{cfg}/inference.json",
+        {"image_size": image_size, "input_path": volume, "output_dir": f"{BUNDLE}/outputs/inference_volume"},
+    ))
+    times["predict_slices_s"] = _run(bundle_command(
+        f"{cfg}/inference.json",
+        {"image_size": image_size, "input_path": Path(data) / "slices" / "test",
+         "output_dir": f"{BUNDLE}/outputs/inference_slices"},
+    ))
+    times["export_s"] = _run(bundle_command(
+        f"{cfg}/inference.json", {"image_size": image_size}, command=["ckpt_export", "network_def"],
+        args=["--filepath", f"{BUNDLE}/models/model.ts", "--ckpt_file", f"{BUNDLE}/models/model.pt",
+              "--meta_file", f"{cfg}/metadata.json", "--use_trace", "True",
+              "--input_shape", f"[1, 1, {image_size}, {image_size}]"],
+    ))
+    _run(bundle_command(f"{cfg}/inference.json", {"image_size": image_size},
+                        command=["verify_net_in_out", "network_def"], args=["--meta_file", f"{cfg}/metadata.json"]))
     metrics = json.loads((REPO_ROOT / BUNDLE / "outputs" / "eval" / "metrics.json").read_text())
     vol = json.loads((REPO_ROOT / BUNDLE / "outputs" / "inference_volume" / "predictions.json").read_text())
     m, ci = metrics["metrics"], metrics["ci"]

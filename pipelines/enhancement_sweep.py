@@ -37,6 +37,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from pipelines.bundles import bundle_root, config_files, parse_overrides, read_config, run_workflow
 from pipelines.tracking.progress import add_quiet_argument, progress_bar
 
 __all__ = [
@@ -222,27 +223,6 @@ def binary_data(
 # ------------------------------------------------------------------------------------------------ sweep
 
 
-def _config_files(bundle_root: Path, evaluate: bool) -> list[str]:
-    cfg = bundle_root / "configs"
-    files = [cfg / "train.json"] + ([cfg / "evaluate.json"] if evaluate else [])
-    for f in files:
-        if not f.is_file():
-            raise FileNotFoundError(f"bundle config not found: {f}")
-    return [str(f) for f in files]
-
-
-def _run_workflow(files: list[str], meta_file: str, overrides: Mapping[str, Any]) -> None:
-    from monai.bundle import ConfigWorkflow
-
-    wf = ConfigWorkflow(config_file=files, meta_file=meta_file, logging_file=False, workflow_type=None,
-                        **dict(overrides))
-    wf.initialize()
-    try:
-        wf.run()
-    finally:
-        wf.finalize()
-
-
 def _row_from_eval(metrics_json: Path, positive: str) -> dict[str, Any]:
     res = json.loads(metrics_json.read_text())
     m, ci = res["metrics"], res["ci"]
@@ -314,11 +294,11 @@ def run_sweep(
     Returns:
         ``{"parent_run_id", "child_run_ids", "table" (DataFrame), "paths"}``.
     """
-    from pipelines.tracking import bundle_dir, default_tracking_uri
+    from pipelines.tracking import default_tracking_uri
 
-    root = Path(bundle) if (Path(bundle) / "configs").is_dir() else Path(bundle_dir(str(bundle)))
-    train_files = _config_files(root, evaluate=False)
-    eval_files = _config_files(root, evaluate=True)
+    root = bundle_root(bundle, required=None)
+    train_files = config_files(root, "train.json")
+    eval_files = config_files(root, "train.json", "evaluate.json")
     meta_file = str(root / "configs" / "metadata.json")
     tags = [combo_tag(combo_kwargs(t)) for t in combos]  # fail on a bad combination before any run
     if not tags:
@@ -370,15 +350,15 @@ def _sweep(root: Path, tags: list[str], out: Path, uri: str, experiment: str, pa
             try:
                 try:
                     # the bundle's MLflow handler opens the training run under child_name ...
-                    _run_workflow(train_files, meta_file, common)
+                    run_workflow(train_files, meta_file, common)
                 finally:
                     # ... which becomes a child of the parent (even when training failed)
                     cid = _child_run(client, exp_id, child_name, pid, tag, root.name)
                 positive = _positive_class(root, overrides)
                 # evaluation logs into the same run: the handler uses the active run
                 with mlflow.start_run(run_id=cid):
-                    _run_workflow(eval_files, meta_file, {**common, "eval_dir": str(work / "eval"),
-                                                          "ckpt_path": str(work / "models" / "model.pt")})
+                    run_workflow(eval_files, meta_file, {**common, "eval_dir": str(work / "eval"),
+                                                         "ckpt_path": str(work / "models" / "model.pt")})
                 row.update(_row_from_eval(work / "eval" / "metrics.json", positive))
                 row["status"] = "FINISHED"
             except Exception as e:  # one failed combination must not stop the sweep
@@ -445,21 +425,11 @@ def _child_run(client: Any, exp_id: str, name: str, parent_id: str, tag: str, bu
 def _positive_class(root: Path, overrides: Mapping[str, Any]) -> str:
     names = overrides.get("class_names")
     if names is None:
-        from monai.bundle import ConfigParser
-
-        parser = ConfigParser()
-        parser.read_config(str(root / "configs" / "train.json"))
-        names = parser.get("class_names")
+        names = read_config(root / "configs" / "train.json").get("class_names")
     return str(list(names)[1])
 
 
 # ------------------------------------------------------------------------------------------------ CLI
-
-
-def _parse_overrides(items):
-    from pipelines.cli import parse_overrides
-
-    return parse_overrides(items, literal=True)
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -487,7 +457,7 @@ def _main(args: argparse.Namespace) -> int:
             overrides["dataset_dir"] = str(Path(args.dataset_dir).resolve())
         if args.manifest:
             overrides["manifest"] = str(Path(args.manifest).resolve())
-        overrides.update(_parse_overrides(args.override))
+        overrides.update(parse_overrides(args.override))
         out = args.out or Path("outputs") / "enhance_sweep" / time.strftime("%Y%m%d-%H%M%S")
         result = run_sweep(combos, out, args.bundle, overrides, args.tracking_uri, args.experiment,
                            grid_name=args.grid if args.grid_given or not args.combos else "custom")

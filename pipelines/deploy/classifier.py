@@ -224,9 +224,7 @@ class StudyClassifier:
         device: str | torch.device | None = None,
         batch_size: int | None = None,
     ) -> None:
-        from monai.bundle import ConfigParser
-
-        from pipelines.tracking import bundle_dir
+        from pipelines.bundles import bundle_dir, read_config
 
         self.spec = get_spec(spec) if isinstance(spec, str) else spec
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -236,17 +234,16 @@ class StudyClassifier:
         self.network.eval()
 
         configs = Path(bundle_dir(self.spec.bundle_name)) / "configs"
-        parser = ConfigParser()
         if config_file is not None:
             if not Path(config_file).is_file():
                 raise DeployError(f"config file not found: {config_file}")
-            parser.read_config(str(config_file))
+            source: Any = config_file
             self.config_source = str(config_file)
         elif (configs / self.spec.config_file).is_file():
-            parser.read_config(str(configs / self.spec.config_file))
+            source = configs / self.spec.config_file
             self.config_source = str(configs / self.spec.config_file)
         elif embedded_config is not None:
-            parser.read_config(embedded_config)
+            source = embedded_config
             self.config_source = f"{self.model_path}:{config_name}"
         else:
             raise DeployError(
@@ -255,8 +252,7 @@ class StudyClassifier:
                 "(export with `ckpt_export --config_file configs/inference.json`)"
             )
         self.overrides = {**_env_overrides(), **dict(overrides or {})}
-        parser.update(self.overrides)
-        self.parser = parser
+        self.parser = parser = read_config(source, self.overrides)
 
         meta = embedded_meta
         if not meta.get("version") and (configs / "metadata.json").is_file():

@@ -6,7 +6,7 @@ everything the app imports and reads::
     <dest>/__main__.py, app.yaml, requirements.txt     the app (pipelines/deploy/<app>/)
     <dest>/pipelines/, <dest>/transforms/              this project's packages (no __pycache__)
     <dest>/bundles/<bundle>/configs/, LICENSE          the bundle's configs: inference.json preprocessing,
-                                                       metadata.json name/version (pipelines.tracking.bundle_dir
+                                                       metadata.json name/version (pipelines.bundles.bundle_dir
                                                        resolves to <dest>/bundles/<bundle>)
 
 Usage::
@@ -23,6 +23,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from pipelines.bundles import bundle_dir
 from pipelines.deploy.specs import get_spec
 
 __all__ = ["package_command", "stage_app"]
@@ -41,7 +42,8 @@ def stage_app(bundle: str, dest: str | Path, overwrite: bool = False) -> Path:
     """
     spec = get_spec(bundle)
     app_dir = REPO_ROOT / "pipelines" / "deploy" / spec.app_name
-    configs = REPO_ROOT / "bundles" / spec.bundle_name / "configs"
+    source = Path(bundle_dir(spec.bundle_name))
+    configs = source / "configs"
     for name in _APP_FILES:
         if not (app_dir / name).is_file():
             raise FileNotFoundError(f"app file missing: {app_dir / name}")
@@ -59,7 +61,7 @@ def stage_app(bundle: str, dest: str | Path, overwrite: bool = False) -> Path:
         shutil.copytree(REPO_ROOT / package, dest / package, ignore=_IGNORE)
     bundle_dest = dest / "bundles" / spec.bundle_name
     shutil.copytree(configs, bundle_dest / "configs", ignore=_IGNORE)
-    licence = REPO_ROOT / "bundles" / spec.bundle_name / "LICENSE"
+    licence = source / "LICENSE"
     if licence.is_file():
         shutil.copy2(licence, bundle_dest / "LICENSE")
     return dest
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    model = args.model or REPO_ROOT / "bundles" / args.bundle / "models" / "model.ts"
+    model = args.model or Path(bundle_dir(args.bundle)) / "models" / "model.ts"
     print(f"staged {args.bundle} app in {dest}; build the MAP where Docker exists with:")
     print("  " + " ".join(package_command(args.bundle, dest, model)))
     return 0

@@ -71,8 +71,7 @@ def load_network(
     if _is_torchscript(path):
         net = torch.jit.load(str(path), map_location=device)
         return net.eval()
-    from monai.bundle import ConfigParser
-
+    from pipelines.bundles import read_config
     from pipelines.inference.predict import load_state_dict
 
     if config_file is None:
@@ -81,10 +80,7 @@ def load_network(
     for f in files:
         if not Path(f).is_file():
             raise FileNotFoundError(f"bundle config not found: {f} (needed to rebuild the network of {path})")
-    parser = ConfigParser()
-    parser.read_config([str(f) for f in files])
-    for k, v in (overrides or {}).items():
-        parser[k] = v
+    parser = read_config(files, overrides)
     if network_id not in parser:
         raise ValueError(f"{files}: no {network_id!r} in the config; cannot rebuild the network of {path}")
     net = parser.get_parsed_content(network_id, instantiate=True)

@@ -38,8 +38,8 @@ def test_staged_folder_holds_app_packages_and_bundle_configs(tmp_path):
                  "bundles/alz_hybrid/configs/inference.json", "bundles/alz_hybrid/configs/metadata.json"):
         assert (dest / name).is_file(), name
     assert not list(dest.rglob("__pycache__"))
-    # pipelines.tracking.bundle_dir() resolves against the staged copy: parents[2] of pipelines/tracking/
-    assert (dest / "pipelines" / "tracking" / "__init__.py").resolve().parents[2] == dest.resolve()
+    # pipelines.bundles.bundle_dir() (also pipelines.tracking.bundle_dir) resolves against the staged copy
+    assert (dest / "pipelines" / "bundles.py").resolve().parents[1] == dest.resolve()
 
 
 def test_staging_refuses_a_non_empty_folder_and_prints_the_package_command(tmp_path, capsys):
