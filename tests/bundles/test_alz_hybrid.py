@@ -11,8 +11,8 @@ import sqlite3
 import mlflow
 import pytest
 import torch
-from monai.bundle import ConfigParser
 
+from pipelines.bundles import load_config
 from tests.bundles.bundle_utils import REPO_ROOT, bundle_env, overrides, run_monai_bundle
 from tests.conftest import SHARED_SCHEMA
 
@@ -129,9 +129,8 @@ def test_torchscript_export_equals_eager(trained):
         "--use_trace", "True", "--input_shape", "[1, 1, 64, 64]", env=trained["env"],
     )
     scripted = torch.jit.load(str(ts))
-    parser = ConfigParser()
-    parser.read_config(str(REPO_ROOT / CFG / "inference.json"))
-    parser.update({k.lstrip("-"): eval(v) if v.startswith("[") or v.isdigit() else v for k, v in zip(TINY[::2], TINY[1::2])})
+    parser = load_config("alz_hybrid", "inference.json", overrides={
+        k.lstrip("-"): eval(v) if v.startswith("[") or v.isdigit() else v for k, v in zip(TINY[::2], TINY[1::2])})
     net = parser.get_parsed_content("network_def")
     net.load_state_dict(torch.load(trained["ckpt"], weights_only=True))
     net.eval()
@@ -208,9 +207,7 @@ def bundle_env_tmp():
 
 
 def test_training_and_inference_share_network_and_preprocessing():
-    train, infer = ConfigParser(), ConfigParser()
-    train.read_config(str(REPO_ROOT / CFG / "train.json"))
-    infer.read_config(str(REPO_ROOT / CFG / "inference.json"))
+    train, infer = load_config("alz_hybrid", "train.json"), load_config("alz_hybrid", "inference.json")
     assert train.get("network_def") == infer.get("network_def")
     val_tf = train.get("validate#preprocessing#transforms")
     assert val_tf[0] == infer.get("preprocessing#transforms")[0]  # the loader
@@ -273,10 +270,7 @@ def test_network_input_output_verifies_against_the_metadata(tmp_path):
 
 
 def test_train_config_holds_the_cpu_recipe():
-    parser = ConfigParser()
-    parser.read_config(str(REPO_ROOT / CFG / "train.json"))
-    parser["dataset_dir"] = "unused"
-    parser["data"] = {"train": []}
+    parser = load_config("alz_hybrid", "train.json", overrides={"dataset_dir": "unused", "data": {"train": []}})
     net = parser.get_parsed_content("network_def")
     # the default network is the half-width ResNet-18 (it beat the hybrid on validation; docs/models.md)
     assert (parser.get("network_name"), parser.get("network_width")) == ("resnet18", 0.5)
@@ -288,20 +282,17 @@ def test_train_config_holds_the_cpu_recipe():
     assert type(aug).__name__ == "BatchAugment" and aug.policy["flip_dim"] == -2  # left-right in (x, y) arrays
     assert parser.get_parsed_content("eval_network") is parser.get_parsed_content("ema").module
     assert parser.get("validate#handlers")[2]["save_dict"] == {"model": "@eval_network"}
-    evaluate = ConfigParser()
-    evaluate.read_config([str(REPO_ROOT / CFG / "train.json"), str(REPO_ROOT / CFG / "evaluate.json")])
+    evaluate = load_config("alz_hybrid", "train.json", "evaluate.json")
     assert evaluate.get("eval_network") == "@network"  # evaluation loads the checkpoint into the network it runs
 
 
 def test_hybrid_overlay_builds_the_right_sized_hybrid():
-    parser = ConfigParser()
-    parser.read_config([str(REPO_ROOT / CFG / "train.json"), str(REPO_ROOT / CFG / "hybrid.json")])
+    parser = load_config("alz_hybrid", "train.json", "hybrid.json")
     net = parser.get_parsed_content("network_def")
     # half-width ResNet-18 stages (basic blocks, 3 stages: an 8x8 token grid at 128 px) under two transformer layers
     assert type(net).__name__ == "CNNViTHybrid" and net.feature_grid == (8, 8) and len(net.blocks) == 2
     assert sum(p.numel() for p in net.parameters()) < 1_500_000
     assert parser.get_parsed_content("ckpt_path").endswith("models/hybrid/model.pt")
-    infer = ConfigParser()
-    infer.read_config([str(REPO_ROOT / CFG / "inference.json"), str(REPO_ROOT / CFG / "hybrid.json")])
+    infer = load_config("alz_hybrid", "inference.json", "hybrid.json")
     assert type(infer.get_parsed_content("network_def")).__name__ == "CNNViTHybrid"
     assert infer.get_parsed_content("ckpt_path") == parser.get_parsed_content("ckpt_path")

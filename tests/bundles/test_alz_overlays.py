@@ -13,8 +13,8 @@ import os
 import mlflow
 import pytest
 import torch
-from monai.bundle import ConfigParser
 
+from pipelines.bundles import load_config
 from pipelines.inference.predict import load_state_dict
 from pipelines.networks.cnn import build_classifier
 from pipelines.networks.deit import DeiTClassifier
@@ -33,11 +33,8 @@ def _files(*names: str) -> str:
     return "[" + ",".join(f"'{CFG}/{n}'" for n in names) + "]"
 
 
-def _parser(*names: str, **ids) -> ConfigParser:
-    parser = ConfigParser()
-    parser.read_config([str(REPO_ROOT / CFG / n) for n in names])
-    parser.update(ids)
-    return parser
+def _parser(*names: str, **ids):
+    return load_config("alz_hybrid", *names, overrides=ids)
 
 
 def _train_run(env, prefix: str):

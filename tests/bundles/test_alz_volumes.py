@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from monai.bundle import ConfigParser
 
+from pipelines.bundles import load_config, read_config
 from tests.bundles.bundle_utils import REPO_ROOT, bundle_env, overrides, run_monai_bundle
 
 CONFIGS = REPO_ROOT / "bundles" / "alz_hybrid" / "configs"
@@ -47,18 +47,14 @@ def _config_list(files: list[str]) -> str:
 
 def test_volume_slices_equal_the_png_slices_of_the_same_subject(phantom):
     """Orientationd RAS + ExtractSlicesd + Flipd(1) + the 2D normalisation reproduce the PNG pipeline."""
-    parser = ConfigParser()
-    parser.read_config(TRAIN)
-    parser.update({"dataset_dir": str(phantom), "image_size": 32, "num_slices": None, "slice_range": [0, 100],
-                   "min_foreground": 0.0, "volume_pixdim": [TINY_VOXEL] * 3})
+    parser = read_config(TRAIN, {"dataset_dir": str(phantom), "image_size": 32, "num_slices": None,
+                                 "slice_range": [0, 100], "min_foreground": 0.0, "volume_pixdim": [TINY_VOXEL] * 3})
     volume_t = parser.get_parsed_content("volume_preprocessing")
     sid = "sub-0004"
     nii = phantom / "volumes" / sid / "ses-01" / "anat" / f"{sid}_ses-01_T1w.nii.gz"
     slices = {s["slice_index"]: s["image"] for s in volume_t({"image": str(nii), "label": 0})}
     assert len(slices) == 56  # every axial slice of the 64x80x56 volume
-    png_parser = ConfigParser()
-    png_parser.read_config(str(CONFIGS / "train.json"))
-    png_parser.update({"image_size": 32})
+    png_parser = load_config("alz_hybrid", "train.json", overrides={"image_size": 32})
     png_t = png_parser.get_parsed_content("validate#preprocessing")
     for z in (16, 28):
         png = phantom / "slices" / "test" / "NonDemented" / f"{sid}_ses-01_slice-{z:03d}.png"

@@ -14,8 +14,8 @@ import mlflow
 import pandas as pd
 import pytest
 import torch
-from monai.bundle import ConfigParser
 
+from pipelines.bundles import load_config
 from tests.bundles.bundle_utils import REPO_ROOT, bundle_env, overrides, run_monai_bundle
 from tests.conftest import SHARED_SCHEMA
 
@@ -138,9 +138,7 @@ def test_torchscript_export_equals_eager(trained):
         env=trained["env"],
     )
     scripted = torch.jit.load(str(ts))
-    parser = ConfigParser()
-    parser.read_config(str(REPO_ROOT / CFG / "inference.json"))
-    parser.update({"image_size": 32, "network_kwargs": NET_KW})
+    parser = load_config("amyloid_pet", "inference.json", overrides={"image_size": 32, "network_kwargs": NET_KW})
     net = parser.get_parsed_content("network_def")
     net.load_state_dict(torch.load(trained["ckpt"], weights_only=True))
     net.eval()

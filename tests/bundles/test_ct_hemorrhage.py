@@ -15,9 +15,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from monai.bundle import ConfigParser
 from PIL import Image
 
+from pipelines.bundles import load_config
 from pipelines.manifests.schema import ManifestError
 from pipelines.networks.cnn import CLASSIFIER_NAMES, build_classifier, gradcam_layer
 from pipelines.training import ct_data
@@ -47,10 +47,7 @@ def tiny_phantom(tmp_path_factory):
 
 
 def _parse(config: str, **updates):
-    parser = ConfigParser()
-    parser.read_config(str(REPO_ROOT / CFG / config))
-    parser.update(updates)
-    return parser
+    return load_config("ct_hemorrhage", config, overrides=updates)
 
 
 # ------------------------------------------------------------------------------------------------ data lists

@@ -101,9 +101,9 @@ def test_torchscript_export_equals_eager(trained):
 
 
 def test_inference_denoises_a_folder_of_images(trained):
-    from monai.bundle import ConfigWorkflow
     from PIL import Image
 
+    from pipelines.bundles import run_workflow
     from pipelines.phantoms.alzheimer import default_dataset
 
     os.environ["NEURO_MONAI_CACHE"] = trained["env"]["NEURO_MONAI_CACHE"]
@@ -112,11 +112,9 @@ def test_inference_denoises_a_folder_of_images(trained):
     finally:
         os.environ.pop("NEURO_MONAI_CACHE")
     out = trained["root"] / "inference"
-    wf = ConfigWorkflow(config_file=str(REPO_ROOT / CFG / "inference.json"), logging_file=False, workflow_type=None,
-                        features=FEATURES, ckpt_path=str(trained["ckpt"]), input_path=folder, output_dir=str(out),
-                        noise_sigma=0.4)
-    wf.initialize()
-    wf.run()
+    run_workflow(REPO_ROOT / CFG / "inference.json", overrides={
+        "features": FEATURES, "ckpt_path": str(trained["ckpt"]), "input_path": folder, "output_dir": str(out),
+        "noise_sigma": 0.4})
     table = pd.read_csv(out / "denoised.csv")
     inputs = sorted(f for f in os.listdir(folder) if f.endswith(".png"))
     assert sorted(table["input"]) == inputs

@@ -13,8 +13,8 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from monai.bundle import ConfigParser
 
+from pipelines.bundles import load_config
 from tests.bundles.bundle_utils import REPO_ROOT, bundle_env, overrides, run_monai_bundle
 from tests.conftest import SHARED_SCHEMA
 
@@ -28,11 +28,8 @@ def _files(*names: str) -> str:
     return repr([str(CFG / f"{n}.json") for n in names])
 
 
-def _parser(*names: str, **ids) -> ConfigParser:
-    parser = ConfigParser()
-    parser.read_config([str(CFG / f"{n}.json") for n in names])
-    parser.update(ids)
-    return parser
+def _parser(*names: str, **ids):
+    return load_config("tumor_mri", *(f"{n}.json" for n in names), overrides=ids)
 
 
 # -- fast: every overlay builds its network ------------------------------------------------------------------------

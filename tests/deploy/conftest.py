@@ -12,7 +12,6 @@ from tests.deploy.helpers import (
     ALZ_TINY,
     CT_TINY,
     PET_TINY,
-    REPO_ROOT,
     export_tiny_model,
     phantom_volume,
     write_ct_series,
@@ -41,11 +40,10 @@ class BundleCase:
     def reference(self) -> dict[str, Any]:
         """The bundle's own inference on :attr:`series`: its inference.json ``predictor`` (eager network with the
         weights in model.pt), as ``{"predicted_class", "probabilities", "slice_index": [...], "slice_probs"}``."""
-        from monai.bundle import ConfigParser
+        from pipelines.bundles import load_config
 
-        parser = ConfigParser()
-        parser.read_config(str(REPO_ROOT / "bundles" / self.bundle / "configs" / "inference.json"))
-        parser.update({**self.overrides, "ckpt_path": str(self.model_pt), "device": "$torch.device('cpu')"})
+        parser = load_config(self.bundle, "inference.json", overrides={
+            **self.overrides, "ckpt_path": str(self.model_pt), "device": "$torch.device('cpu')"})
         predictor = parser.get_parsed_content("predictor")
         if hasattr(predictor, "predict_series"):
             (ref,) = predictor.predict_series(self.series)
@@ -121,9 +119,8 @@ def mr_result(classifier, mr_series) -> dict:
 @pytest.fixture(scope="session")
 def bundle_predictor(tiny_model):
     """alz_hybrid's own inference: inference.json's ``predictor`` (eager network, weights from model.pt)."""
-    from monai.bundle import ConfigParser
+    from pipelines.bundles import load_config
 
-    parser = ConfigParser()
-    parser.read_config(str(REPO_ROOT / "bundles" / "alz_hybrid" / "configs" / "inference.json"))
-    parser.update({**ALZ_TINY, "ckpt_path": str(tiny_model[1]), "device": "$torch.device('cpu')"})
+    parser = load_config("alz_hybrid", "inference.json", overrides={
+        **ALZ_TINY, "ckpt_path": str(tiny_model[1]), "device": "$torch.device('cpu')"})
     return parser.get_parsed_content("predictor")

@@ -140,13 +140,13 @@ def export_tiny_model(out_dir: Path, bundle: str = "alz_hybrid", overrides: Mapp
     Returns:
         ``(model.ts, model.pt)``.
     """
-    from monai.bundle import ConfigParser, ckpt_export
+    from monai.bundle import ckpt_export
+
+    from pipelines.bundles import load_config
 
     configs = REPO_ROOT / "bundles" / bundle / "configs"
     out_dir.mkdir(parents=True, exist_ok=True)
-    parser = ConfigParser()
-    parser.read_config(str(configs / "inference.json"))
-    parser.update(dict(overrides))
+    parser = load_config(bundle, "inference.json", overrides=overrides)
     torch.manual_seed(seed)
     net = parser.get_parsed_content("network_def")
     ckpt = out_dir / "model.pt"

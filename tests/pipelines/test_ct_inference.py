@@ -18,15 +18,14 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from monai.bundle import ConfigParser
 from PIL import Image
 
+from pipelines.bundles import load_config
 from pipelines.inference.aggregate import aggregate_probs
 from pipelines.inference.ct import CTStudyPredictor, InputError, series_slices, study_scores
 from pipelines.io.ct import LoadCTImage, hu_to_8bit, load_prewindowed_2d
 from pipelines.io.dicom import load_series
 from pipelines.phantoms.head_ct import make_head_ct_volume, write_dicom_series
-from tests.conftest import REPO_ROOT
 
 SHAPE = (8, 64, 64)
 PATIENT_ID = "PHANTOM-0042"
@@ -53,9 +52,8 @@ class HyperdenseDetector(nn.Module):
 
 
 def _bundle_transforms(window_preset: str = "multi", image_size: int = 64):
-    parser = ConfigParser()
-    parser.read_config(str(REPO_ROOT / "bundles" / "ct_hemorrhage" / "configs" / "inference.json"))
-    parser.update({"window_preset": window_preset, "image_size": image_size})
+    parser = load_config("ct_hemorrhage", "inference.json",
+                         overrides={"window_preset": window_preset, "image_size": image_size})
     return parser.get_parsed_content("preprocessing"), parser.get_parsed_content("slice_preprocessing")
 
 

@@ -122,13 +122,10 @@ def test_bundle_metadata_verifies_against_the_schema():
 
 
 def test_enhancement_config_id_inserts_the_pipeline_into_preprocessing():
-    from monai.bundle import ConfigParser
-
+    from pipelines.bundles import load_config
     from transforms.enhance import EnhancementPipelined
 
-    parser = ConfigParser()
-    parser.read_config(str(REPO_ROOT / "bundles/alz_binary/configs/inference.json"))
-    parser["enhancement"] = combo_kwargs("inv+clahe")
+    parser = load_config("alz_binary", "inference.json", overrides={"enhancement": combo_kwargs("inv+clahe")})
     pre = parser.get_parsed_content("slice_preprocessing")
     steps = [t for t in pre.transforms if isinstance(t, EnhancementPipelined)]
     assert len(steps) == 1 and steps[0].tag == "inv+clahe"

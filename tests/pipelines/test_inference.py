@@ -8,22 +8,19 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigParser
 from PIL import Image
 
+from pipelines.bundles import load_config
 from pipelines.inference.aggregate import aggregate_probs
 from pipelines.inference.predict import ClassificationPredictor, InputError, load_state_dict
 from pipelines.networks import CNNViTHybrid
-from tests.conftest import REPO_ROOT
 
 CLASSES = ["NonDemented", "VeryMildDemented", "MildDemented", "ModerateDemented"]
 
 
 @pytest.fixture(scope="module")
 def predictor():
-    parser = ConfigParser()
-    parser.read_config(str(REPO_ROOT / "bundles" / "alz_hybrid" / "configs" / "inference.json"))
-    parser["image_size"] = 32
+    parser = load_config("alz_hybrid", "inference.json", overrides={"image_size": 32})
     torch.manual_seed(0)
     net = CNNViTHybrid(num_classes=4, img_size=32, cnn_block="basic", cnn_layers=(1, 1), cnn_inplanes=(8, 8),
                        hidden_size=16, num_layers=1, num_heads=2, mlp_dim=32)

@@ -128,12 +128,9 @@ def test_prepare_pet_data_lists_carry_the_factor_and_the_split_is_written(datase
 
 
 def _parsed(config: str, overrides: dict, id_: str):
-    from monai.bundle import ConfigParser
+    from pipelines.bundles import read_config
 
-    parser = ConfigParser()
-    parser.read_config(str(BUNDLE / config))
-    parser.update(overrides)
-    return parser.get_parsed_content(id_)
+    return read_config(BUNDLE / config, overrides).get_parsed_content(id_)
 
 
 def test_itk_volume_times_manifest_factor_is_the_per_instance_suv(manifest):

@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from monai.bundle import ConfigParser
 from PIL import Image
 
+from pipelines.bundles import read_config
 from pipelines.inference.predict import ClassificationPredictor, InputError
 from pipelines.io.pseudonym import is_bids_name, pseudonym, redact_paths
 from pipelines.manifests.split import write_split
@@ -26,9 +26,7 @@ INFERENCE = REPO_ROOT / "bundles" / "alz_hybrid" / "configs" / "inference.json"
 
 
 def _predictor(keep: bool = False) -> ClassificationPredictor:
-    parser = ConfigParser()
-    parser.read_config(str(INFERENCE))
-    parser["image_size"] = 32
+    parser = read_config(INFERENCE, {"image_size": 32})
     torch.manual_seed(0)
     net = CNNViTHybrid(num_classes=4, img_size=32, cnn_block="basic", cnn_layers=(1, 1), cnn_inplanes=(8, 8),
                        hidden_size=16, num_layers=1, num_heads=2, mlp_dim=32)

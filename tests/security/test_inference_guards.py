@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipelines.inference.predict import InputError
-from tests.deploy.helpers import REPO_ROOT, phantom_volume, write_mr_series
+from tests.deploy.helpers import phantom_volume, write_mr_series
 
 
 class TinyNet(torch.nn.Module):
@@ -25,11 +25,10 @@ class TinyNet(torch.nn.Module):
 
 
 def bundle_predictor(bundle: str, **overrides):
-    from monai.bundle import ConfigParser
+    from pipelines.bundles import load_config
 
-    parser = ConfigParser()
-    parser.read_config(str(REPO_ROOT / "bundles" / bundle / "configs" / "inference.json"))
-    parser.update({"ckpt_path": None, "device": "$torch.device('cpu')", "image_size": 32, **overrides})
+    parser = load_config(bundle, "inference.json",
+                         overrides={"ckpt_path": None, "device": "$torch.device('cpu')", "image_size": 32, **overrides})
     parser["network"] = TinyNet(len(parser["class_names"]))
     return parser.get_parsed_content("predictor")
 
