@@ -11,7 +11,6 @@ import importlib
 import logging
 import sys
 
-from pipelines.bundles import parse_overrides  # noqa: F401 - kept here for callers of pipelines.cli.parse_overrides
 
 COMMANDS = {
     "demo": "pipelines.demo",

@@ -28,7 +28,6 @@ from typing import Any
 
 import pandas as pd
 
-from pipelines.bundles import bundle_commands  # noqa: F401 - older import path (experiments.quality)
 from pipelines.evaluation.metrics import SUMMARY_METRICS
 from pipelines.evaluation.report import atomic_write_csv, atomic_write_text
 from pipelines.tracking import mlflow_client

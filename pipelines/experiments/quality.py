@@ -98,8 +98,7 @@ def plan_jobs(bundle: str, dataset_dir: str | os.PathLike, recipes: Sequence[str
               class_names: Sequence[str] | None = None) -> list[Job]:
     """The commands of every (recipe, seed[, fold]) run; ``recipes`` may include :data:`PLAIN`. With ``folds``
     the plain loop reads ``<job>/split.csv`` (written by :func:`run_job` from the bundle's split of that fold)."""
-    from pipelines.evaluation.compare import bundle_commands
-    from pipelines.tracking import bundle_dir
+    from pipelines.bundles import bundle_commands, bundle_dir, config_files
 
     out = Path(out_dir).resolve()
     data = str(Path(dataset_dir).resolve())
@@ -119,7 +118,7 @@ def plan_jobs(bundle: str, dataset_dir: str | os.PathLike, recipes: Sequence[str
                            "--budget-min", str(budget_min), "--seed", str(seed), "--threads", str(threads),
                            "--image-size", str(plain_image_size), "--n-bootstrap", "0",
                            "--out", str(job_dir / "plain.json"), "--probs-out", str(job_dir / "test_probabilities.csv")]
-                    files = [str(Path(bundle_dir(bundle)) / "configs" / "train.json")] if fold is not None else []
+                    files = config_files(bundle, "train.json") if fold is not None else []
                     jobs.append(Job(recipe, seed, job_dir, cmd, files, ids if fold is not None else {}, fold))
                     continue
                 cmds = bundle_commands(bundle_dir(bundle), recipe, f"quality-seed{seed}", experiment or bundle,
@@ -139,11 +138,9 @@ def _wait_cpu_s(proc: subprocess.Popen) -> tuple[int, float]:
 
 def _bundle_parser(config_files: Sequence[str], overrides: Mapping[str, Any], scratch: str) -> Any:
     """The bundle's config with ``overrides``, on the CPU, writing its data records under ``<output_dir>/../scratch``."""
-    from monai.bundle import ConfigParser
+    from pipelines.bundles import read_config
 
-    parser = ConfigParser()
-    parser.read_config(list(config_files))
-    parser.update({k: v for k, v in overrides.items() if k != "output_dir"})
+    parser = read_config(list(config_files), {k: v for k, v in overrides.items() if k != "output_dir"})
     parser["output_dir"] = str(Path(str(overrides.get("output_dir", "."))).parent / scratch)
     parser["device"] = "$torch.device('cpu')"
     return parser
@@ -449,17 +446,13 @@ def benchmark_quality(bundle: str, dataset_dir: str, recipes: Sequence[str] = ("
                       tracking_uri: str | None = None, title: str | None = None,
                       report_dir: str | os.PathLike | None = None, folds: int = 0) -> dict[str, Any]:
     """Run (or reuse) every (recipe, seed) and the plain loop, then write and log the tables; see the module doc."""
-    from monai.bundle import ConfigParser
-
+    from pipelines.bundles import load_config
     from pipelines.evaluation.report import atomic_write_csv, atomic_write_text
-    from pipelines.tracking import bundle_dir
 
     out = Path(out_dir or Path("runs") / "quality" / bundle).resolve()
     out.mkdir(parents=True, exist_ok=True)
     all_recipes = [PLAIN] + [r for r in recipes if r != PLAIN]
-    parser = ConfigParser()
-    parser.read_config(str(Path(bundle_dir(bundle)) / "configs" / "train.json"))
-    class_names = [str(c) for c in parser.get_parsed_content("class_names")]
+    class_names = [str(c) for c in load_config(bundle, "train.json").get_parsed_content("class_names")]
     plan = plan_jobs(bundle, dataset_dir, all_recipes, seeds, budget_min, out, overrides, plain_image_size, threads,
                      folds=folds, class_names=class_names)
     with ThreadPoolExecutor(max_workers=max(1, int(jobs))) as pool:
@@ -486,7 +479,7 @@ def benchmark_quality(bundle: str, dataset_dir: str, recipes: Sequence[str] = ("
 
 
 def _main(args: argparse.Namespace) -> int:
-    from pipelines.cli import parse_overrides
+    from pipelines.bundles import parse_overrides
 
     result = benchmark_quality(args.bundle, args.dataset_dir, args.recipes, args.seeds, args.budget_min, args.out_dir,
                                parse_overrides(args.override), args.threads, args.jobs, args.plain_image_size,

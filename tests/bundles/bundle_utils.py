@@ -31,6 +31,19 @@ def run_monai_bundle(*args: str, env: dict[str, str], timeout: int = 900) -> sub
     return proc
 
 
+def torchrun_command(*args: str, nproc: int = 2) -> list[str]:
+    """``python -m torch.distributed.run --standalone --nproc_per_node=<nproc> -m monai.bundle <args>``."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
+            "monai.bundle", *args]
+
+
+def run_checked(cmd: list[str], env: dict[str, str], timeout: int = 600) -> str:
+    """Run ``cmd`` from the repository root; its stdout + stderr, or the test fails with their tail."""
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    return proc.stdout + proc.stderr
+
+
 def overrides(**kwargs) -> list[str]:
     """``--key value`` pairs for config-id overrides (lists/tuples written as Python literals)."""
     out: list[str] = []

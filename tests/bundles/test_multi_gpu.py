@@ -12,14 +12,13 @@ logits, so they only move on a tie closer than that, and are compared (near) exa
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import mlflow
 import pytest
 
 from pipelines.training.checkpoint import load_checkpoint
-from tests.bundles.bundle_utils import REPO_ROOT, bundle_env, overrides
+from tests.bundles.bundle_utils import bundle_env, overrides, run_checked, torchrun_command
 from tests.bundles.test_alz_hybrid import TINY_DATA
 
 pytestmark = pytest.mark.slow
@@ -31,24 +30,13 @@ EVAL = ["--eval_split", "val", *ODD_VAL, "--n_bootstrap", "20", "--tta_policies"
 TOL = 1e-9
 
 
-def _torchrun(*args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle",
-            *args]
-
-
-def _run(cmd: list[str], env: dict[str, str]) -> str:
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
-    return proc.stdout + proc.stderr
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     env = {**bundle_env(root), "OMP_NUM_THREADS": "1"}
     paths = ["--output_dir", str(root / "out"), "--ckpt_dir", str(root / "models")]
-    log = _run(_torchrun("run", "--config_file", f"['{CFG}/train.json','{CFG}/multi_gpu_train.json']", *TINY_DATA,
-                         *TINY, *ODD_VAL, *paths), env)
+    files = f"['{CFG}/train.json','{CFG}/multi_gpu_train.json']"
+    log = run_checked(torchrun_command("run", "--config_file", files, *TINY_DATA, *TINY, *ODD_VAL, *paths), env)
     return {"root": root, "env": env, "paths": paths, "log": log}
 
 
@@ -58,7 +46,8 @@ def _evaluate(trained, processes: int) -> dict:
     configs = [f"{CFG}/train.json", f"{CFG}/evaluate.json"] + [f"{CFG}/multi_gpu_evaluate.json"] * (processes == 2)
     args = ["run", "--config_file", str(configs), *TINY_DATA, *TINY, *trained["paths"], *EVAL,
             "--eval_dir", str(eval_dir)]
-    _run(_torchrun(*args) if processes == 2 else [sys.executable, "-m", "monai.bundle", *args], trained["env"])
+    cmd = torchrun_command(*args) if processes == 2 else [sys.executable, "-m", "monai.bundle", *args]
+    run_checked(cmd, trained["env"])
     return json.loads((eval_dir / "metrics.json").read_text())
 
 

@@ -23,8 +23,7 @@ import mlflow
 import pytest
 
 from pipelines.training.checkpoint import load_checkpoint
-from tests.bundles.bundle_utils import bundle_env, overrides
-from tests.bundles.test_multi_gpu import _run, _torchrun
+from tests.bundles.bundle_utils import bundle_env, overrides, run_checked, torchrun_command
 
 pytestmark = pytest.mark.slow
 
@@ -62,7 +61,8 @@ def trained(request, tmp_path_factory):
     env = {**bundle_env(root), "OMP_NUM_THREADS": "1"}
     cfg = f"bundles/{bundle}/configs"
     args = [*case["args"], "--epochs", "2", "--output_dir", str(root / "out"), "--ckpt_dir", str(root / "models")]
-    log = _run(_torchrun("run", "--config_file", f"['{cfg}/train.json','{cfg}/multi_gpu_train.json']", *args), env)
+    files = f"['{cfg}/train.json','{cfg}/multi_gpu_train.json']"
+    log = run_checked(torchrun_command("run", "--config_file", files, *args), env)
     return {**case, "bundle": bundle, "cfg": cfg, "root": root, "env": env, "args": args, "log": log}
 
 
@@ -72,7 +72,8 @@ def _evaluate(trained, processes: int) -> Path:
     configs = [f"{cfg}/train.json", f"{cfg}/evaluate.json"] + [f"{cfg}/multi_gpu_evaluate.json"] * (processes == 2)
     args = ["run", "--config_file", str(configs), *trained["args"], "--eval_split", "val", "--n_bootstrap", "20",
             *trained["eval"], "--eval_dir", str(eval_dir)]
-    _run(_torchrun(*args) if processes == 2 else [sys.executable, "-m", "monai.bundle", *args], trained["env"])
+    cmd = torchrun_command(*args) if processes == 2 else [sys.executable, "-m", "monai.bundle", *args]
+    run_checked(cmd, trained["env"])
     return eval_dir
 
 
@@ -129,12 +130,13 @@ def test_deit_distillation_overlay_trains_on_two_processes(tmp_path):
     teacher = tmp_path / "teacher.pt"
     torch.save(build_classifier("resnet50", in_channels=1, num_classes=4, widen_factor=0.125).state_dict(), teacher)
     cfg = "bundles/alz_hybrid/configs"
-    _run(_torchrun("run", "--config_file", f"['{cfg}/train.json','{cfg}/deit_distill.json','{cfg}/multi_gpu_train.json']",
-                   "--dataset_dir", "$pipelines.phantoms.alzheimer.default_dataset('alzheimer-tiny')",
-                   *overrides(image_size=32, batch_size=4, num_workers=0, vit_patch_size=8, vit_hidden_size=32,
-                              vit_layers=1, vit_heads=2, vit_mlp_dim=64, teacher_widen_factor=0.125, epochs=2),
-                   "--teacher_ckpt", str(teacher), "--output_dir", str(tmp_path / "out"),
-                   "--ckpt_dir", str(tmp_path / "models")), env)
+    files = f"['{cfg}/train.json','{cfg}/deit_distill.json','{cfg}/multi_gpu_train.json']"
+    tiny = overrides(image_size=32, batch_size=4, num_workers=0, vit_patch_size=8, vit_hidden_size=32, vit_layers=1,
+                     vit_heads=2, vit_mlp_dim=64, teacher_widen_factor=0.125, epochs=2)
+    run_checked(torchrun_command("run", "--config_file", files, "--dataset_dir",
+                                 "$pipelines.phantoms.alzheimer.default_dataset('alzheimer-tiny')", *tiny,
+                                 "--teacher_ckpt", str(teacher), "--output_dir", str(tmp_path / "out"),
+                                 "--ckpt_dir", str(tmp_path / "models")), env)
     client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
     runs = client.search_runs(client.get_experiment_by_name("alz_hybrid").experiment_id)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"

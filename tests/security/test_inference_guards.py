@@ -1,5 +1,5 @@
-"""D3, D7, R3: the alz_hybrid, alz_binary and amyloid_pet inference refuse series they were not trained for, pick one of several
-series by config id, and never leave an earlier study's predictions.json after a failed run."""
+"""D3, D7, R3: the alz_hybrid, alz_binary and amyloid_pet inference refuse series they were not trained for, pick
+one of several series by config id, and never leave an earlier study's predictions.json after a failed run."""
 
 from __future__ import annotations
 
