@@ -44,7 +44,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 #: Network name meaning "train.json's own network, no overlay" (``--networks base vit``).
 BASE_NETWORK = "base"
 #: Configs that are not network overlays.
+# configs/<name>.json files that are not network overlays: the workflows, their variants and the multi-GPU overlays
 _NOT_OVERLAYS = ("train", "evaluate", "inference", "metadata")
+_NOT_OVERLAY_PREFIXES = ("train_", "evaluate_", "inference_", "multi_gpu_")
 
 PathLike = str | os.PathLike
 
@@ -186,7 +188,8 @@ def bundle_commands(
     base = network == BASE_NETWORK and not overlay.is_file()  # train.json's own network, no overlay
     for path in ([] if base else [overlay]) + [cfg / "evaluate.json"]:
         if not path.is_file():
-            available = sorted(p.stem for p in cfg.glob("*.json") if p.stem not in _NOT_OVERLAYS)
+            available = sorted(p.stem for p in cfg.glob("*.json")
+                               if p.stem not in _NOT_OVERLAYS and not p.stem.startswith(_NOT_OVERLAY_PREFIXES))
             raise FileNotFoundError(f"{path} not found (network overlays in {cfg}: {available}; "
                                     f"'{BASE_NETWORK}' is train.json's own network)")
     name = root.name

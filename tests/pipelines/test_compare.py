@@ -238,6 +238,8 @@ def test_bundle_commands_stack_overlay_and_evaluate(tmp_path):
 
 def test_bundle_commands_name_available_overlays_when_missing(tmp_path):
     root = _fake_bundle(tmp_path, ["resnet18", "vit"])
+    for other in ("multi_gpu_train", "multi_gpu_evaluate", "inference_deit", "train_volumes", "evaluate_volumes"):
+        (root / "configs" / f"{other}.json").write_text("{}")  # workflows and their overlays: not networks
     with pytest.raises(FileNotFoundError, match=r"\['resnet18', 'vit'\]"):
         bundle_commands(root, "densenet121", "G", "exp")
 
