@@ -170,7 +170,7 @@ def volume_from_sorted_slices(array: np.ndarray, datasets: Sequence[Dataset], wh
     Raises:
         DeployError: shapes disagree, or the headers do not describe one regular volume.
     """
-    from pipelines.io.dicom import _geometry
+    from pipelines.io.dicom import series_geometry
 
     arr = np.asarray(array)
     if arr.ndim != 3 or arr.shape[0] != len(datasets):
@@ -178,7 +178,7 @@ def volume_from_sorted_slices(array: np.ndarray, datasets: Sequence[Dataset], wh
                           f"got shape {arr.shape}")
     items = [(Path(f"{where} instance {ds.get('SOPInstanceUID', k)}"), ds) for k, ds in enumerate(datasets)]
     try:
-        geom = _geometry(items, where)
+        geom = series_geometry(items, where)
     except DicomSeriesError as e:
         raise DeployError(str(e)) from e
     if (geom.rows, geom.columns) != arr.shape[1:]:

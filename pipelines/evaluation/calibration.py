@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 from scipy.optimize import minimize_scalar  # noqa: E402
 from scipy.special import log_softmax, logsumexp  # noqa: E402
 
-from pipelines.evaluation.metrics import _to_numpy, labels_to_indices  # noqa: E402
+from pipelines.evaluation.metrics import labels_to_indices, to_numpy  # noqa: E402
 from pipelines.evaluation.report import atomic_save_figure  # noqa: E402
 
 __all__ = [
@@ -135,7 +135,7 @@ def reliability_diagram(
 
 
 def _logits(logits: Any) -> np.ndarray:
-    z = _to_numpy(logits).astype(np.float64)
+    z = to_numpy(logits).astype(np.float64)
     if z.ndim != 2 or z.shape[1] < 2:
         raise ValueError(f"logits must have shape (N, C) with C >= 2; got {z.shape}")
     if not np.all(np.isfinite(z)):
@@ -144,7 +144,7 @@ def _logits(logits: Any) -> np.ndarray:
 
 
 def _probs(probs: Any) -> np.ndarray:
-    p = _to_numpy(probs).astype(np.float64)
+    p = to_numpy(probs).astype(np.float64)
     if p.ndim != 2 or p.shape[1] < 2:
         raise ValueError(f"probs must have shape (N, C) with C >= 2; got {p.shape}")
     return p

@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from pipelines.evaluation.metrics import _to_numpy, labels_to_indices
+from pipelines.evaluation.metrics import labels_to_indices, to_numpy
 from pipelines.evaluation.report import atomic_save_figure, atomic_write_csv, atomic_write_text
 
 __all__ = [
@@ -460,8 +460,8 @@ class EmbeddingHandler:
         feats = self.hook.pop().numpy()
         preds, labels = [], []
         for item in items:
-            pred = _to_numpy(item[self.pred_key]).astype(np.float64)
-            label = _to_numpy(item[self.label_key])
+            pred = to_numpy(item[self.pred_key]).astype(np.float64)
+            label = to_numpy(item[self.label_key])
             if pred.ndim == 1:
                 pred, label = pred[None], label.reshape(1, -1)
             preds.append(pred.reshape(pred.shape[0], -1))

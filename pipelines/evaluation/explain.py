@@ -24,7 +24,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from monai.visualize import GradCAM  # noqa: E402
 
-from pipelines.evaluation.metrics import _to_numpy, labels_to_indices  # noqa: E402
+from pipelines.evaluation.metrics import labels_to_indices, to_numpy  # noqa: E402
 from pipelines.evaluation.report import atomic_save_figure  # noqa: E402
 from pipelines.evaluation.tta import model_logits  # noqa: E402
 
@@ -151,8 +151,8 @@ def save_overlay(image: Any, heatmap: Any, path: str | os.PathLike, title: str =
     Returns:
         ``path``.
     """
-    img = np.squeeze(_to_numpy(image).astype(np.float64))
-    heat = np.squeeze(_to_numpy(heatmap).astype(np.float64))
+    img = np.squeeze(to_numpy(image).astype(np.float64))
+    heat = np.squeeze(to_numpy(heatmap).astype(np.float64))
     if img.ndim != 2 or heat.shape != img.shape:
         raise ValueError(f"save_overlay needs (H, W) image and heatmap of equal shape; got {img.shape}, {heat.shape}")
     lo, hi = np.percentile(img, [1, 99])

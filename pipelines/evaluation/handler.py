@@ -32,7 +32,7 @@ import torch
 
 from pipelines.evaluation.calibration import apply_temperature, calibration_summary, reliability_diagram
 from pipelines.evaluation.explain import EXPLAIN_METHODS, explain_examples
-from pipelines.evaluation.metrics import _to_numpy, evaluate_predictions, labels_to_indices
+from pipelines.evaluation.metrics import evaluate_predictions, labels_to_indices, to_numpy
 from pipelines.evaluation.report import atomic_write_csv, atomic_write_text, markdown_table, write_evaluation
 from pipelines.evaluation.tta import TTA_POLICIES, model_logits, run_tta_table
 from pipelines.training.distributed import gather_in_order, sample_indices
@@ -215,8 +215,8 @@ class EvaluationReportHandler:
                     f"engine output must be dicts with {self.pred_key!r} and {self.label_key!r} keys; "
                     f"got {type(item).__name__} with keys {list(item) if isinstance(item, Mapping) else None}"
                 )
-            pred = _to_numpy(item[self.pred_key]).astype(np.float64)
-            label = _to_numpy(item[self.label_key])
+            pred = to_numpy(item[self.pred_key]).astype(np.float64)
+            label = to_numpy(item[self.label_key])
             if pred.ndim == 1:  # one decollated sample
                 pred, label = pred[None], label.reshape(1, -1)
             self._preds.append(pred.reshape(pred.shape[0], -1))
@@ -246,7 +246,7 @@ class EvaluationReportHandler:
             if isinstance(value, (str, bytes)):
                 ids.append(value)
             elif hasattr(value, "detach") or isinstance(value, np.ndarray):
-                ids.extend(_to_numpy(value).reshape(-1).tolist())
+                ids.extend(to_numpy(value).reshape(-1).tolist())
             elif isinstance(value, (list, tuple)):
                 ids.extend(value)
             else:
@@ -292,7 +292,7 @@ class EvaluationReportHandler:
         Returns:
             The result dict (also in ``self.result``), as written to metrics.json.
         """
-        z = self._as_logits(_to_numpy(logits).astype(np.float64))
+        z = self._as_logits(to_numpy(logits).astype(np.float64))
         y = labels_to_indices(labels, len(self.class_names))
         if len(y) != len(z):
             raise ValueError(f"{len(z)} predictions but {len(y)} labels")

@@ -59,7 +59,7 @@ def labels_to_indices(labels: Any, num_classes: int | None = None) -> np.ndarray
     Raises:
         ValueError: on any other shape, non-integer values, or indices out of range.
     """
-    arr = _to_numpy(labels)
+    arr = to_numpy(labels)
     if arr.ndim == 2 and arr.shape[1] == 1:
         arr = arr[:, 0]
     elif arr.ndim == 2:
@@ -202,7 +202,7 @@ def paired_difference_ci(
     for arm, runs in arms.items():
         checked[arm] = []
         for i, run in enumerate(runs):
-            arr = _to_numpy(run)
+            arr = to_numpy(run)
             if arr.ndim != 2 or arr.shape[0] != len(y):
                 raise ValueError(
                     f"{arm}[{i}] must have shape (N, C) with N = {len(y)} samples of y_true; got {arr.shape}"
@@ -348,7 +348,7 @@ def metrics_table(result: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["metric", "value", "ci_low", "ci_high", "wilson_low", "wilson_high"])
 
 
-def _to_numpy(x: Any) -> np.ndarray:
+def to_numpy(x: Any) -> np.ndarray:
     if hasattr(x, "detach"):
         x = x.detach().cpu()
         if hasattr(x, "as_tensor"):  # MONAI MetaTensor
@@ -363,7 +363,7 @@ def _validate(y_true: Any, probs: Any, class_names: Sequence[str]) -> tuple[np.n
         raise ValueError(f"class_names needs at least 2 classes, got {names}")
     if len(set(names)) != len(names):
         raise ValueError(f"class_names must be unique, got {names}")
-    p = _to_numpy(probs).astype(np.float64)
+    p = to_numpy(probs).astype(np.float64)
     if p.ndim != 2 or p.shape[1] != len(names):
         raise ValueError(f"probs must have shape (N, {len(names)}) for classes {names}; got {p.shape}")
     if not np.all(np.isfinite(p)):
@@ -421,7 +421,7 @@ def _percentile_ci(values: np.ndarray, alpha: float) -> tuple[float, float]:
 def _group_codes(groups: Sequence[Hashable], n: int) -> np.ndarray:
     """Integer codes 0..G-1 (in order of first appearance) of N hashable cluster ids."""
     if hasattr(groups, "detach") or isinstance(groups, np.ndarray):
-        groups = _to_numpy(groups).tolist()  # numpy/torch scalars -> hashable Python values
+        groups = to_numpy(groups).tolist()  # numpy/torch scalars -> hashable Python values
     ids = list(groups)
     if len(ids) != n:
         raise ValueError(f"groups has {len(ids)} ids but y_true has {n} samples")

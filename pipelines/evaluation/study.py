@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipelines.evaluation.metrics import SUMMARY_METRICS, _to_numpy, evaluate_predictions, labels_to_indices
+from pipelines.evaluation.metrics import SUMMARY_METRICS, evaluate_predictions, labels_to_indices, to_numpy
 from pipelines.inference.aggregate import aggregate_probs
 
 __all__ = [
@@ -146,7 +146,7 @@ def slice_table(
     Raises:
         ValueError: lengths differ, probabilities have the wrong shape or are not finite.
     """
-    p = np.asarray(_to_numpy(probs), dtype=np.float64)
+    p = np.asarray(to_numpy(probs), dtype=np.float64)
     names = [str(c) for c in class_names]
     if p.ndim != 2 or p.shape[1] != len(names):
         raise ValueError(f"probabilities must be (N, {len(names)}), got {p.shape}")
@@ -493,13 +493,13 @@ class StudyEvaluationHandler:
             for key in ("subject_id", "slice_index"):
                 if key not in item:
                     raise ValueError(f"batch items need {key!r} for the study-level evaluation; got {list(item)}")
-            z = np.asarray(_to_numpy(pred), dtype=np.float64).reshape(-1)
+            z = np.asarray(to_numpy(pred), dtype=np.float64).reshape(-1)
             self._rows["prob"].append(z)
-            self._rows["label"].append(int(labels_to_indices(np.asarray(_to_numpy(label)).reshape(1, -1),
+            self._rows["label"].append(int(labels_to_indices(np.asarray(to_numpy(label)).reshape(1, -1),
                                                              len(self.class_names))[0]))
             self._rows["subject_id"].append(str(item["subject_id"]))
             self._rows["session_id"].append(str(item.get("session_id", "ses-01")))
-            self._rows["slice_index"].append(int(np.asarray(_to_numpy(item["slice_index"])).reshape(-1)[0]))
+            self._rows["slice_index"].append(int(np.asarray(to_numpy(item["slice_index"])).reshape(-1)[0]))
 
     def collect(self, engine: Any) -> None:
         """Store the logits of one iteration with the ids of its slices (decollated or batched engine data)."""

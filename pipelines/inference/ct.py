@@ -28,7 +28,8 @@ import pandas as pd
 import torch
 
 from pipelines.inference.aggregate import aggregate_probs
-from pipelines.inference.predict import ClassificationPredictor, InputError, _atomic_write, no_stale_outputs
+from pipelines.inference.predict import ClassificationPredictor, InputError, no_stale_outputs
+from pipelines.io.atomic import atomic_write
 from pipelines.io.ct import hu_to_8bit, window_channels
 from pipelines.io.dicom import is_dicom_file
 from pipelines.manifests.builders import IMAGE_EXTENSIONS
@@ -359,8 +360,8 @@ class CTStudyPredictor(ClassificationPredictor):
             "threshold": self.threshold,
             "studies": results,
         }
-        _atomic_write(out / "predictions.csv", lambda p: pd.DataFrame(rows).to_csv(p, index=False))
-        _atomic_write(out / "predictions.json", lambda p: p.write_text(json.dumps(summary, indent=2)))
+        atomic_write(out / "predictions.csv", lambda p: pd.DataFrame(rows).to_csv(p, index=False))
+        atomic_write(out / "predictions.json", lambda p: p.write_text(json.dumps(summary, indent=2)))
         for r in results:
             logger.info("%s: %s (%s score %.3f; most suspicious slice %d of %d, p=%.3f)", r["study"],
                         r["predicted_class"], r["aggregation"], r["score"], r["most_suspicious_slice"],

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import warnings
 from collections import OrderedDict
 from pathlib import Path
@@ -24,6 +23,7 @@ import pandas as pd
 import torch
 
 from pipelines.inference.aggregate import aggregate_probs
+from pipelines.io.atomic import atomic_write
 from pipelines.io.pseudonym import public_name, redact_paths
 from pipelines.manifests.builders import IMAGE_EXTENSIONS, NIFTI_EXTENSIONS
 
@@ -54,18 +54,6 @@ def load_state_dict(path: str | os.PathLike, device: str | torch.device = "cpu")
         if isinstance(ckpt, dict) and key in ckpt and isinstance(ckpt[key], dict):
             return ckpt[key]
     return ckpt
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _root_cause(err: BaseException) -> BaseException:
@@ -102,7 +90,7 @@ def no_stale_outputs(output_dir: str | os.PathLike, names: Sequence[str] = PREDI
                       "error_type": type(root).__name__,
                       "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                       "moved_aside": [f"{Path(n).stem}.previous{Path(n).suffix}" for n in names]}
-            _atomic_write(out / FAILED_JSON, lambda p: p.write_text(json.dumps(record, indent=2)))
+            atomic_write(out / FAILED_JSON, lambda p: p.write_text(json.dumps(record, indent=2)))
         except OSError as write_err:  # an unwritable folder must not hide the original error
             logger.warning("%s: cannot record the failure (%s)", out, write_err)
         raise
@@ -399,8 +387,8 @@ class ClassificationPredictor:
             "input": self._name(input_path, "input"),
             "studies": [{k: v for k, v in r.items()} for r in results],
         }
-        _atomic_write(out / "predictions.csv", lambda p: pd.DataFrame(rows).to_csv(p, index=False))
-        _atomic_write(out / "predictions.json", lambda p: p.write_text(json.dumps(summary, indent=2)))
+        atomic_write(out / "predictions.csv", lambda p: pd.DataFrame(rows).to_csv(p, index=False))
+        atomic_write(out / "predictions.json", lambda p: p.write_text(json.dumps(summary, indent=2)))
         for r in results:
             logger.info(
                 "%s: %s (p=%.3f, %d slice(s), %s of slice probabilities)",

@@ -333,7 +333,7 @@ class _Geometry:
     columns: int
 
 
-def _geometry(items: Sequence[tuple[Path, Dataset]], where: object) -> _Geometry:
+def series_geometry(items: Sequence[tuple[Path, Dataset]], where: object) -> _Geometry:
     """Validate consistency across slices and compute the sorted order and the volume geometry."""
     first_path, first = items[0]
     iop0 = _tag_floats(first, "ImageOrientationPatient", 6, first_path)
@@ -594,7 +594,7 @@ def load_series(
                                    "load_series")
     for path, ds in items:
         _check_pixel_size(ds, path, max_voxels=max_voxels)
-    geom = _geometry(items, where)
+    geom = series_geometry(items, where)
     check_volume_size(where, (len(items), geom.rows, geom.columns), 4, limit_voxels=max_voxels,
                       error=DicomTooLargeError)
 
