@@ -35,7 +35,7 @@ from pipelines.evaluation.explain import EXPLAIN_METHODS, explain_examples
 from pipelines.evaluation.metrics import evaluate_predictions, labels_to_indices, to_numpy
 from pipelines.evaluation.report import atomic_write_csv, atomic_write_text, markdown_table, write_evaluation
 from pipelines.evaluation.tta import TTA_POLICIES, model_logits, run_tta_table
-from pipelines.training.distributed import gather_in_order, sample_indices
+from pipelines.training.distributed import gather_in_order, sample_indices, world_size
 
 __all__ = ["EvaluationReportHandler", "sanitize_metric_name", "ENGINE_METRICS"]
 
@@ -534,16 +534,11 @@ def _gather(
     (:func:`pipelines.training.distributed.gather_in_order`), so the report, bootstrap included, equals a
     one-process evaluation.
     """
-    from pipelines.training.distributed import world_size
-
     if world_size() == 1:
         return logits, labels, subjects, True
-    has_ids = subjects is not None
-    rows, is_main = gather_in_order(
-        list(zip(logits, labels, subjects if has_ids else [None] * len(labels), [has_ids] * len(labels))), indices
-    )
-    n_classes = logits.shape[1] if logits.ndim == 2 else 0
-    z = np.stack([r[0] for r in rows]) if rows else np.zeros((0, n_classes), dtype=logits.dtype)
+    rows, is_main = gather_in_order(list(zip(logits, labels, subjects or [None] * len(labels))), indices)
+    z = np.stack([r[0] for r in rows]) if rows else logits[:0]
     y = np.asarray([r[1] for r in rows], dtype=labels.dtype)
-    ids = [r[2] for r in rows] if (all(r[3] for r in rows) if rows else has_ids) else None
-    return z, y, ids, is_main
+    ids = [r[2] for r in rows]  # a rank without ids sent None for each of its rows
+    missing = any(i is None for i in ids) or (not rows and subjects is None)
+    return z, y, None if missing else ids, is_main
